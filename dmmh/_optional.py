@@ -1,0 +1,41 @@
+"""Optional dependencies, imported lazily with an error naming the extra to install."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# module → (extra, pip name)
+EXTRAS = {
+    "open_clip": ("clip", "open_clip_torch"),
+    "triton": ("gpu", "triton"),
+    "mamba_ssm": ("gpu", "mamba-ssm"),
+    "selective_scan_cuda": ("gpu", "mamba-ssm"),
+    "faiss": ("faiss", "faiss-cpu"),
+    "matplotlib": ("report", "matplotlib"),
+    "datasets": ("data", "datasets"),
+    "safetensors": ("data", "safetensors"),
+}
+
+
+class MissingDependencyError(ImportError):
+    """An optional package needed for the requested feature is not installed."""
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra, package = EXTRAS.get(module, (None, module))
+        how = f"pip install 'dmmh[{extra}]'" if extra else f"pip install {package}"
+        raise MissingDependencyError(f"{feature} needs the optional package {package!r}: {how} ({exc})") from exc
+
+
+def available(module: str) -> bool:
+    """Whether ``module`` imports (without raising)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True

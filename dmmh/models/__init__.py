@@ -1,0 +1,6 @@
+"""The DMMH network and its LightningModule."""
+
+from dmmh.models.dmmh import DMMH
+from dmmh.models.lit import DMMHModule
+
+__all__ = ["DMMH", "DMMHModule"]

@@ -1,0 +1,140 @@
+"""The LightningModule: builds :class:`~dmmh.models.dmmh.DMMH` from names, trains it, reports mAP."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dmmh._checks import check_finite, check_labels, check_same_batch
+from dmmh.hashing.losses import CombinedLoss
+from dmmh.metrics.retrieval import RetrievalMAP
+from dmmh.models.dmmh import DMMH
+
+__all__ = ["DMMHModule", "DEFAULT_LOSSES"]
+
+DEFAULT_LOSSES: dict[str, float] = {"classification": 1.0, "pairwise_similarity": 1.0, "quantization": 0.1}
+
+
+class DMMHModule(L.LightningModule):
+    """Train DMMH on batches ``{"image", "text", "label"}`` of pre-extracted features.
+
+    Validation and test take two dataloaders, ``[query, database]`` (batches also carry
+    ``"index"``), encode both and log ``{stage}/mAP`` (mAP@``map_top_k``, all when ``None``).
+    With a single dataloader its items serve as both queries and database.
+
+    Every component is named (see :class:`~dmmh.models.dmmh.DMMH` for the model arguments), so the
+    hyperparameters saved in a checkpoint rebuild the same model:
+    ``DMMHModule.load_from_checkpoint(path)``.
+
+    Args:
+        n_classes: label width (needed by the classification and central-similarity losses).
+        losses: loss name → weight, or → ``{"weight": w, **kwargs}``.
+        lr, weight_decay: Adam settings.
+        map_top_k, map_empty: evaluation options of :class:`~dmmh.metrics.RetrievalMAP`.
+    """
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        n_classes: int,
+        n_bits: int = 64,
+        encoder: str = "mlp",
+        encoder_kwargs: dict[str, Any] | None = None,
+        image_encoder: str | None = None,
+        image_encoder_kwargs: dict[str, Any] | None = None,
+        text_encoder: str | None = None,
+        text_encoder_kwargs: dict[str, Any] | None = None,
+        dim: int = 128,
+        num_tokens: int | None = None,
+        fusion: str = "cnn_deep",
+        fusion_kwargs: dict[str, Any] | None = None,
+        head: str = "tanh",
+        head_kwargs: dict[str, Any] | None = None,
+        modality_dropout: float = 0.0,
+        losses: Mapping[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        map_top_k: int | None = None,
+        map_empty: str = "zero",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = DMMH(
+            image_dim=image_dim, text_dim=text_dim, n_bits=n_bits, encoder=encoder, encoder_kwargs=encoder_kwargs,
+            image_encoder=image_encoder, image_encoder_kwargs=image_encoder_kwargs, text_encoder=text_encoder,
+            text_encoder_kwargs=text_encoder_kwargs, dim=dim, num_tokens=num_tokens, fusion=fusion,
+            fusion_kwargs=fusion_kwargs, head=head, head_kwargs=head_kwargs, modality_dropout=modality_dropout,
+        )
+        self.loss = CombinedLoss(dict(losses) if losses is not None else DEFAULT_LOSSES, n_bits=n_bits, n_classes=n_classes)
+        self.val_map = RetrievalMAP(top_k=map_top_k, empty=map_empty)
+        self.test_map = RetrievalMAP(top_k=map_top_k, empty=map_empty)
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
+        return self.model(image, text)
+
+    @torch.no_grad()
+    def encode(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
+        """±1 codes; the module is put in eval mode for the call and restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.model.encode(image, text)
+        finally:
+            self.train(was_training)
+
+    def _unpack(self, batch: Mapping[str, Tensor]) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        if not isinstance(batch, Mapping) or "label" not in batch:
+            raise ValueError(f"batches must be dicts with 'image', 'text' and 'label'; got keys {list(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
+        image, text, label = batch.get("image"), batch.get("text"), batch["label"]
+        check_same_batch({"image": image, "text": text, "label": label})
+        check_labels(label, n_classes=self.hparams.n_classes)
+        for name, x in (("image", image), ("text", text)):
+            if x is not None:
+                check_finite(x, f"batch {name!r}")
+        return image, text, label
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        image, text, label = self._unpack(batch)
+        codes = self.model(image, text)
+        total, parts = self.loss(codes.float(), label.float())
+        n = label.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=n)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=n)
+        return total
+
+    def _eval_step(self, metric: RetrievalMAP, batch: Mapping[str, Tensor], dataloader_idx: int) -> None:
+        image, text, label = self._unpack(batch)
+        codes = self.model.encode(image, text)
+        index = batch.get("index")
+        if index is None:
+            raise ValueError("evaluation batches need an 'index' entry (the item's position in its split)")
+        n_loaders = len(self.trainer.num_val_batches if self.trainer.validating else self.trainer.num_test_batches)
+        roles = ("query", "database") if n_loaders == 1 else (("query", "database")[dataloader_idx],)
+        for role in roles:
+            metric.update(codes, label, index, role)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.val_map, batch, dataloader_idx)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.test_map, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/mAP", self.val_map.compute(), prog_bar=True, sync_dist=False)
+        self.val_map.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/mAP", self.test_map.compute(), sync_dist=False)
+        self.test_map.reset()
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        image, text, label = self._unpack(batch)
+        return {"codes": self.model.encode(image, text), "label": label, "index": batch.get("index")}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
