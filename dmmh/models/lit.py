@@ -100,7 +100,7 @@ class DMMHModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         image, text, label = self._unpack(batch)
         codes = self.model(image, text)
-        total, parts = self.loss(codes.float(), label.float())
+        total, parts = self.loss(codes, label)
         n = label.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=n)
         for name, value in parts.items():

@@ -1,0 +1,157 @@
+"""Encoders, fusion, heads and losses against references written here."""
+
+import numpy as np
+import pytest
+import torch
+
+import dmmh
+from dmmh.hashing.losses import hadamard, hash_centers
+
+
+def test_mlp_encoder_shapes_and_positions():
+    enc = dmmh.ENCODERS.create("mlp", in_dim=10, dim=8, num_tokens=4, hidden=(16,), dropout=0.0)
+    x = torch.randn(3, 10)
+    out = enc(x)
+    assert out.shape == (3, 4, 8)
+    # tokens differ by position even for identical projections: the positional table is added
+    assert not torch.allclose(out[:, 0], out[:, 1])
+
+
+def test_encoder_rejects_wrong_width_and_nan():
+    enc = dmmh.ENCODERS.create("mlp", in_dim=10, dim=8, num_tokens=2)
+    with pytest.raises(ValueError, match="feature width 7 differs from the 10"):
+        enc(torch.randn(3, 7))
+    x = torch.randn(3, 10)
+    x[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at index \(1, 4\)\)"):
+        enc(x)
+    with pytest.raises(ValueError, match="expected shape"):
+        enc(torch.randn(3, 2, 10))
+
+
+def test_additive_fusion_is_sum():
+    f = dmmh.FUSIONS.create("additive", num_tokens=3, dim=4)
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch.equal(f([a, b]), (a + b).reshape(2, 12))
+    assert torch.equal(f([a]), a.reshape(2, 12))
+    assert f.out_dim == 12
+    with pytest.raises(ValueError, match=r"expected \(batch, 3, 4\)"):
+        f([torch.randn(2, 3, 5)])
+
+
+def test_cnn_deep_is_one_network_per_token():
+    """Grouped convs: output t depends only on token t; compare to per-token plain MLPs."""
+    torch.manual_seed(0)
+    T, d, h = 5, 6, 3
+    f = dmmh.FUSIONS.create("cnn_deep", num_tokens=T, dim=d, hidden=(h,)).eval()
+    a, b = torch.randn(4, T, d), torch.randn(4, T, d)
+    out = f([a, b])
+    assert out.shape == (4, T) and f.out_dim == T
+    conv1, bn, _, conv2 = f.net
+    x = a + b
+    for t in range(T):
+        w1 = conv1.weight[t * h : (t + 1) * h, :, 0]
+        z = x[:, t] @ w1.T + conv1.bias[t * h : (t + 1) * h]
+        sl = slice(t * h, (t + 1) * h)
+        z = (z - bn.running_mean[sl]) / torch.sqrt(bn.running_var[sl] + bn.eps) * bn.weight[sl] + bn.bias[sl]
+        ref = torch.tanh(z) @ conv2.weight[t, :, 0] + conv2.bias[t]
+        torch.testing.assert_close(out[:, t], ref, rtol=1e-5, atol=1e-6)
+    # perturbing token 2 of one modality only changes output 2
+    a2 = a.clone()
+    a2[:, 2] += 1.0
+    changed = (f([a2, b]) - out).abs().amax(0) > 0
+    assert changed.tolist() == [t == 2 for t in range(T)]
+
+
+def test_heads_codes_and_gradients():
+    x = torch.randn(16, 12, requires_grad=True)
+    tanh = dmmh.HASH_HEADS.create("tanh", in_dim=12, n_bits=8)
+    h = tanh(x)
+    assert h.shape == (16, 8) and h.abs().max() < 1
+    codes = tanh.encode(x)
+    assert set(codes.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(codes, torch.where(h >= 0, 1.0, -1.0))
+
+    ste = dmmh.HASH_HEADS.create("straight_through", in_dim=12, n_bits=8)
+    out = ste(x)
+    assert set(out.unique().tolist()) <= {-1.0, 1.0}
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_head_identity_projection_and_zero_is_plus_one():
+    head = dmmh.HASH_HEADS.create("tanh", in_dim=4, n_bits=4)
+    assert isinstance(head.proj, torch.nn.Identity)
+    assert head.encode(torch.zeros(2, 4)).eq(1).all()
+    with pytest.raises(ValueError, match="in_dim == n_bits"):
+        dmmh.HASH_HEADS.create("tanh", in_dim=5, n_bits=4, projection="identity")
+
+
+def test_binarize_zero_maps_to_plus_one():
+    x = torch.tensor([[-0.0, 0.0, -1e-9, 3.0]])
+    assert dmmh.binarize(x).tolist() == [[1.0, 1.0, -1.0, 1.0]]
+
+
+def _np_losses(h, y, W, b):
+    K = h.shape[1]
+    sig = 1 / (1 + np.exp(-(h @ W.T + b)))
+    cls = np.mean((sig - y) ** 2)
+    S = np.where(y @ y.T > 0, 1.0, -1.0)
+    pair = np.mean((h @ h.T / K - S) ** 2)
+    quant = np.mean((h - np.where(h >= 0, 1.0, -1.0)) ** 2)
+    return cls, pair, quant
+
+
+def test_losses_match_numpy(rng):
+    n, K, C = int(rng.integers(2, 20)), 16, 5
+    h = np.tanh(rng.standard_normal((n, K)))
+    y = (rng.random((n, C)) < 0.3).astype(np.float64)
+    loss = dmmh.CombinedLoss({"classification": 2.0, "pairwise_similarity": 1.0, "quantization": {"weight": 0.5}}, n_bits=K, n_classes=C).double()
+    W = loss.losses["classification"].classifier.weight.detach().numpy()
+    b = loss.losses["classification"].classifier.bias.detach().numpy()
+    total, parts = loss(torch.from_numpy(h), torch.from_numpy(y))
+    cls, pair, quant = _np_losses(h, y, W, b)
+    np.testing.assert_allclose(parts["classification"].item(), cls, rtol=1e-12)
+    np.testing.assert_allclose(parts["pairwise_similarity"].item(), pair, rtol=1e-12)
+    np.testing.assert_allclose(parts["quantization"].item(), quant, rtol=1e-12)
+    np.testing.assert_allclose(total.item(), 2 * cls + pair + 0.5 * quant, rtol=1e-12)
+
+
+def test_hadamard_and_centers():
+    for n in (1, 2, 8, 32):
+        H = hadamard(n)
+        assert torch.equal(H @ H.T, n * torch.eye(n))
+    c = hash_centers(24, 16)  # 24 classes <= 2 * 16: Hadamard rows and negations
+    dist = (16 - c @ c.T) / 2
+    off = dist[~torch.eye(24, dtype=torch.bool)]
+    assert off.min() >= 8  # pairwise Hamming distance >= K/2
+    r = hash_centers(80, 24)  # not a power of two → random
+    assert r.shape == (80, 24) and set(r.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(r, hash_centers(80, 24, "random", seed=0))
+    with pytest.raises(ValueError, match="power of two"):
+        hash_centers(80, 24, "hadamard")
+
+
+def test_central_similarity_reference(rng):
+    K, C, n = 16, 6, 10
+    loss = dmmh.LOSSES.create("central_similarity", n_bits=K, n_classes=C)
+    h = np.tanh(rng.standard_normal((n, K)))
+    y = (rng.random((n, C)) < 0.4).astype(np.float64)
+    y[0] = 0  # an item without labels is left out
+    centers = loss.centers.numpy().astype(np.float64)
+    terms = []
+    for i in range(n):
+        if y[i].sum() == 0:
+            continue
+        c = np.where(y[i] @ centers >= 0, 1.0, 0.0)
+        p = np.clip((h[i] + 1) / 2, 1e-6, 1 - 1e-6)
+        terms.append(-(c * np.log(p) + (1 - c) * np.log(1 - p)).mean())
+    got = loss(torch.from_numpy(h), torch.from_numpy(y)).item()
+    np.testing.assert_allclose(got, np.mean(terms), rtol=1e-10)
+
+
+def test_combined_loss_errors():
+    with pytest.raises(ValueError, match="at least one loss"):
+        dmmh.CombinedLoss({}, n_bits=8, n_classes=3)
+    with pytest.raises(KeyError, match="pairwise_similarity"):
+        dmmh.CombinedLoss({"pairwise_simlarity": 1.0}, n_bits=8, n_classes=3)

@@ -1,0 +1,164 @@
+"""The DMMH model and its LightningModule: composition by name, learning, bad input."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import dmmh
+from dmmh.metrics import mean_average_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def trainer(tmp_path, **kw):
+    opts = dict(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1)
+    opts.update(kw)
+    return L.Trainer(**opts)
+
+
+def small_data(**kw):
+    opts = dict(num_train=256, num_query=64, num_database=512, image_dim=48, text_dim=24, num_classes=6, batch_size=64)
+    opts.update(kw)
+    return dmmh.SyntheticMultiLabel(**opts)
+
+
+def module_for(data, **kw):
+    opts = dict(n_bits=16, encoder="mlp", dim=32)
+    opts.update(kw)
+    return dmmh.DMMHModule(image_dim=data.image_dim, text_dim=data.text_dim, n_classes=data.num_classes, **opts)
+
+
+@pytest.mark.parametrize("fusion", ["additive", "cnn_deep"])
+@pytest.mark.parametrize("head", ["tanh", "straight_through"])
+def test_training_beats_untrained_model(tmp_path, fusion, head):
+    L.seed_everything(1, verbose=False)
+    data = small_data(num_train=512)
+    module = module_for(data, fusion=fusion, head=head, lr=3e-3)
+    t = trainer(tmp_path, max_epochs=10)
+    before = t.validate(module, data, verbose=False)[0]["val/mAP"]
+    t.fit(module, data)
+    after = t.validate(module, data, verbose=False)[0]["val/mAP"]
+    assert after > before + 0.15, (before, after)
+    assert after > 0.75
+
+
+def test_logged_map_equals_direct_computation(tmp_path):
+    L.seed_everything(2, verbose=False)
+    data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16)
+    data.eval_batch_size = 16  # several eval batches per split
+    module = module_for(data)
+    logged = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/mAP"]
+    q, db = data.splits["query"], data.splits["database"]
+    qc = module.encode(torch.from_numpy(q.image), torch.from_numpy(q.text))
+    dc = module.encode(torch.from_numpy(db.image), torch.from_numpy(db.text))
+    direct = mean_average_precision(qc, dc, torch.from_numpy(q.label), torch.from_numpy(db.label))
+    assert math.isclose(logged, direct, rel_tol=1e-6)
+
+
+def test_compose_every_registered_part():
+    x, t = torch.randn(4, 20), torch.randn(4, 10)
+    for enc in ["mlp"]:
+        for fusion in dmmh.list_fusions():
+            for head in dmmh.list_hash_heads():
+                m = dmmh.create_model(image_dim=20, text_dim=10, n_bits=8, dim=16, encoder=enc, fusion=fusion, head=head).eval()
+                assert m(x, t).shape == (4, 8)
+                assert m.encode(image=x).shape == (4, 8)
+                assert m.encode(text=t).shape == (4, 8)
+
+
+def test_per_modality_encoder_overrides():
+    m = dmmh.create_model(image_dim=20, text_dim=10, n_bits=8, dim=16, encoder="mlp", text_encoder_kwargs={"hidden": (7,)})
+    assert m.encoders["text"].net[0][0].out_features == 7
+    assert m.encoders["image"].net[0][0].out_features == 512
+    with pytest.raises(ValueError, match="tokens of shape"):
+        dmmh.create_model(image_dim=20, text_dim=10, n_bits=8, dim=16, encoder="mlp", text_encoder_kwargs={"num_tokens": 3})
+
+
+def test_misspelt_names_in_model_suggest_the_right_one():
+    with pytest.raises(KeyError, match="cnn_deep"):
+        dmmh.create_model(image_dim=4, text_dim=4, fusion="cnn_dee")
+    with pytest.raises(KeyError, match="straight_through"):
+        dmmh.create_model(image_dim=4, text_dim=4, encoder="mlp", head="straight_trough")
+
+
+def test_bad_input_errors():
+    data = small_data()
+    module = module_for(data)
+    good = next(iter(data.train_dataloader()))
+    bad = dict(good, text=good["text"][:-1])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        module.training_step(bad, 0)
+    bad = dict(good, image=good["image"][:, :-2])
+    with pytest.raises(ValueError, match="feature width 46 differs from the 48"):
+        module.training_step(bad, 0)
+    img = good["image"].clone()
+    img[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        module.training_step(dict(good, image=img), 0)
+    lab = good["label"].clone()
+    lab[2, 1] = 0.5
+    with pytest.raises(ValueError, match="labels must be 0/1.*row 2, column 1"):
+        module.training_step(dict(good, label=lab), 0)
+    with pytest.raises(ValueError, match="5 classes, expected 6"):
+        module.training_step(dict(good, label=good["label"][:, :5]), 0)
+    with pytest.raises(ValueError, match="at least one"):
+        module.model(None, None)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_training(tmp_path, precision):
+    L.seed_everything(0, verbose=False)
+    data = small_data(num_train=128)
+    module = module_for(data)
+    t = trainer(tmp_path, max_epochs=1, precision=precision, limit_val_batches=1)
+    t.fit(module, data)
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    assert 0.0 <= t.callback_metrics["val/mAP"] <= 1.0
+
+
+def test_checkpoint_reloads_by_name(tmp_path):
+    data = small_data()
+    module = module_for(data, fusion="additive", head="straight_through", losses={"central_similarity": 1.0, "quantization": 0.1})
+    t = trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    t.fit(module, data)
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    again = dmmh.DMMHModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert again.hparams.fusion == "additive" and type(again.model.head).__name__ == "StraightThroughHead"
+    x = torch.randn(5, data.image_dim)
+    y = torch.randn(5, data.text_dim)
+    assert torch.equal(module.encode(x, y), again.encode(x, y))
+
+
+def test_custom_head_example(tmp_path):
+    """examples/custom_hash_head.py: a downstream head used by name, saved and reloaded."""
+    spec = importlib.util.spec_from_file_location("custom_hash_head_example", ROOT / "examples" / "custom_hash_head.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert "soft_sign" in dmmh.list_hash_heads()
+    out = mod.main(tmp_path, epochs=3)
+    assert out["identical"] == 1.0
+    assert out["mAP"] > 0.6
+
+
+def test_modality_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = dmmh.create_model(image_dim=6, text_dim=5, n_bits=8, dim=8, encoder="mlp", fusion="additive", modality_dropout=1.0)
+    x, t = torch.randn(64, 6), torch.randn(64, 5)
+    m.eval()
+    both = m(x, t)
+    img_only, txt_only = m(image=x), m(text=t)
+    m.train()
+    for enc in m.encoders.values():  # disable the encoders' own dropout to compare exactly
+        enc.eval()
+    dropped = m(x, t)
+    matches_img = torch.isclose(dropped, img_only).all(1)
+    matches_txt = torch.isclose(dropped, txt_only).all(1)
+    assert bool((matches_img | matches_txt).all())  # p=1: every item lost one modality
+    assert 0 < int(matches_img.sum()) < 64  # and which one is random
+    assert not torch.allclose(both, img_only)
+    with pytest.raises(ValueError, match="modality_dropout"):
+        dmmh.create_model(image_dim=6, text_dim=5, modality_dropout=1.5)

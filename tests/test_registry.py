@@ -1,0 +1,132 @@
+import sys
+import textwrap
+
+import pytest
+
+import dmmh
+from dmmh.registry import Registry, UnknownComponentError
+
+
+def make():
+    reg = Registry("widget")
+
+    @reg.register("alpha", aliases=("a",))
+    def alpha(x=1, y=2):
+        return ("alpha", x, y)
+
+    @reg.register()
+    class Beta:
+        def __init__(self, z=3):
+            self.z = z
+
+    return reg
+
+
+def test_register_create_alias_and_default_name():
+    reg = make()
+    assert reg.list() == ["Beta", "alpha"]
+    assert reg.create("a", x=5) == ("alpha", 5, 2)
+    assert reg.get("alpha") is reg.get("a")
+    assert reg.create("Beta", z=9).z == 9
+    assert "a" in reg and "gamma" not in reg
+    assert reg.list(aliases=True) == ["Beta", "a", "alpha"]
+
+
+def test_create_drops_none_kwargs():
+    reg = make()
+    assert reg.create("alpha", x=None, y=7) == ("alpha", 1, 7)
+
+
+def test_list_wildcards():
+    reg = Registry("thing")
+    for name in ("clip_image", "clip_text", "mlp", "mamba"):
+        reg.add(name, dict)
+    assert reg.list("clip_*") == ["clip_image", "clip_text"]
+    assert reg.list("m*") == ["mamba", "mlp"]
+    assert reg.list("?lp") == ["mlp"]
+    assert reg.list("nothing*") == []
+
+
+@pytest.mark.parametrize(
+    "registry, typo, expected",
+    [
+        (dmmh.FUSIONS, "cnn_dep", "cnn_deep"),
+        (dmmh.FUSIONS, "additve", "additive"),
+        (dmmh.ENCODERS, "mpl", "mlp"),
+        (dmmh.HASH_HEADS, "tahn", "tanh"),
+        (dmmh.LOSSES, "quantisation", "quantization"),
+        (dmmh.FUSIONS, "CNN-Deep", "cnn_deep"),
+    ],
+)
+def test_unknown_name_suggests_closest(registry, typo, expected):
+    with pytest.raises(UnknownComponentError) as err:
+        registry.create(typo)
+    assert expected in str(err.value)
+    assert typo in str(err.value)
+    with pytest.raises(KeyError):  # still a KeyError for callers that catch that
+        registry.get(typo)
+
+
+def test_duplicate_registration_is_an_error_unless_override():
+    reg = make()
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("alpha", dict)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("other", dict, aliases=("a",))  # alias clash
+    reg.add("alpha", dict, override=True)
+    assert reg.get("alpha") is dict
+    reg.remove("alpha")
+    assert "alpha" not in reg
+
+
+def test_name_of():
+    reg = make()
+    beta_cls = reg.get("Beta")
+    assert reg.name_of(beta_cls) == "Beta"
+    assert reg.name_of(beta_cls()) == "Beta"
+    with pytest.raises(UnknownComponentError):
+        reg.name_of(dict)
+
+
+def test_builtins_registered_on_import():
+    assert {"mlp"} <= set(dmmh.list_encoders())
+    assert {"additive", "cnn_deep"} <= set(dmmh.list_fusions())
+    assert {"tanh", "straight_through"} <= set(dmmh.list_hash_heads())
+    assert {"classification", "pairwise_similarity", "quantization", "central_similarity"} <= set(dmmh.list_losses())
+    assert "synthetic" in dmmh.list_datamodules()
+
+
+def test_entry_point_plugins(tmp_path, monkeypatch):
+    """A third-party distribution adds a hash head through the ``dmmh.hash_heads`` group."""
+    pkg = tmp_path / "dmmh_plugin_demo.py"
+    pkg.write_text(textwrap.dedent(
+        """
+        import torch
+        from dmmh.hashing import HashHead
+
+        class SoftSignHead(HashHead):
+            def relax(self, z):
+                return torch.nn.functional.softsign(z)
+        """
+    ))
+    dist = tmp_path / "dmmh_plugin_demo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dmmh-plugin-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[dmmh.hash_heads]\nsoftsign = dmmh_plugin_demo:SoftSignHead\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("hash head", "dmmh.hash_heads")
+    assert reg.list() == ["softsign"]
+    head = reg.create("softsign", in_dim=8, n_bits=8)
+    assert type(head).__name__ == "SoftSignHead"
+    sys.modules.pop("dmmh_plugin_demo", None)
+
+
+def test_broken_plugin_warns_but_does_not_break(tmp_path, monkeypatch):
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[dmmh.test_broken]\nbad = no_such_module_xyz:Thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("widget", "dmmh.test_broken")
+    with pytest.warns(UserWarning, match="could not load"):
+        assert reg.list() == []
