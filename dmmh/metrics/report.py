@@ -1,0 +1,223 @@
+"""Evaluation reports: every retrieval metric as JSON and CSV, plus PNG plots (``dmmh report``).
+
+From saved codes::
+
+    dmmh report --codes run64.npz run128.npz --out reports/nus
+
+Each codes file (``.npz``, ``.pt`` dict or ``.safetensors``) holds ``query_codes``,
+``database_codes``, ``query_labels`` and ``database_labels``. From trained checkpoints::
+
+    dmmh report --ckpt a.ckpt b.ckpt --data synthetic --data-args '{"num_query": 64}' --out reports/x
+
+``--data`` is a registered DataModule name or a class path ``pkg.module.Class``. The report holds
+``metrics.json``, ``metrics.csv`` (``run, n_bits, metric, k, value``), ``pr_curve.png``,
+``precision_at_k.png`` and, with several runs, ``map_vs_bits.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dmmh._optional import require
+from dmmh.metrics.functional import EMPTY_POLICIES, NORMALIZERS, retrieval_metrics
+
+__all__ = ["evaluate", "write_report", "load_codes", "encode_checkpoint", "main", "CODE_KEYS", "CURVE_KS"]
+
+CODE_KEYS = ("query_codes", "database_codes", "query_labels", "database_labels")
+CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+def evaluate(codes: dict[str, Tensor], map_ks=(None, 1000, 50), precision_ks=CURVE_KS, **options) -> dict:
+    """:func:`~dmmh.metrics.functional.retrieval_metrics` of a dict holding :data:`CODE_KEYS`."""
+    return retrieval_metrics(*(codes[k] for k in CODE_KEYS), map_ks=map_ks, precision_ks=precision_ks, **options)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _csv_rows(name: str, m: dict) -> list[list]:
+    rows = [[name, m["n_bits"], "mAP", "all", m["mAP"]]]
+    for metric in ("mAP@k", "precision@k", "recall@k"):
+        rows += [[name, m["n_bits"], metric, k, v] for k, v in m[metric].items()]
+    rows += [[name, m["n_bits"], f"{what}@radius", m["radius"], m[f"{what}@radius"]] for what in ("precision", "recall")]
+    curve = m["pr_curve"]
+    for what in ("precision", "recall"):
+        rows += [[name, m["n_bits"], f"pr_curve_{what}", r, v] for r, v in zip(curve["radius"], curve[what])]
+    return rows
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _plots(runs: dict[str, dict]) -> dict[str, bytes]:
+    require("matplotlib", "dmmh report plots")
+    figure = importlib.import_module("matplotlib.figure").Figure
+    pngs = {}
+    fig = figure(figsize=(5, 4))
+    ax = fig.add_subplot()
+    for name, m in runs.items():
+        ax.plot(m["pr_curve"]["recall"], m["pr_curve"]["precision"], marker=".", label=name)
+    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall over Hamming radii", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.legend(fontsize="small")
+    pngs["pr_curve.png"] = _png(fig)
+    fig = figure(figsize=(5, 4))
+    ax = fig.add_subplot()
+    for name, m in runs.items():
+        ks = [k for k in m["precision@k"] if k != "all" and int(k) <= m["n_database"]]  # larger k are clamped to N
+        ax.plot(ks, [m["precision@k"][k] for k in ks], marker=".", label=name)
+    ax.set(xscale="log", xlabel="number of retrieved items k", ylabel="precision@k", title="Precision at top k", ylim=(0, 1.02))
+    ax.legend(fontsize="small")
+    pngs["precision_at_k.png"] = _png(fig)
+    if len(runs) > 1:
+        fig = figure(figsize=(5, 4))
+        ax = fig.add_subplot()
+        points = sorted((m["n_bits"], m["mAP"], name) for name, m in runs.items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        for bits, value, name in points:
+            ax.annotate(name, (bits, value), fontsize="x-small", textcoords="offset points", xytext=(3, 3))
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="code length (bits)", ylabel="mAP@all", title="mAP vs code length")
+        ax.set_xticks([p[0] for p in points], [str(p[0]) for p in points])
+        pngs["map_vs_bits.png"] = _png(fig)
+    return pngs
+
+
+def write_report(runs: dict[str, dict], out_dir: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
+    """Write ``runs`` (name → :func:`evaluate` result) to ``out_dir``; returns name → path written."""
+    if not runs:
+        raise ValueError("write_report: no runs given")
+    out = Path(out_dir)
+    files = {"metrics.json": json.dumps({"runs": runs}, indent=2).encode()}
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["run", "n_bits", "metric", "k", "value"])
+    for name, m in runs.items():
+        writer.writerows(_csv_rows(name, m))
+    files["metrics.csv"] = text.getvalue().encode()
+    if plots:
+        files |= _plots(runs)
+    for name, data in files.items():
+        _atomic_write(out / name, data)
+    return {name: out / name for name in files}
+
+
+def load_codes(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read :data:`CODE_KEYS` from a ``.npz``, ``.pt`` or ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            data = {k: torch.from_numpy(z[k]) for k in z.files}
+    elif path.suffix in (".pt", ".pth"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".safetensors":
+        data = require("safetensors.torch", "reading .safetensors codes").load_file(str(path))
+    else:
+        raise ValueError(f"{path}: unknown codes file type {path.suffix!r} (use .npz, .pt or .safetensors)")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a dict of arrays with keys {CODE_KEYS}, got {type(data).__name__}")
+    missing = [k for k in CODE_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(data)}")
+    return {k: torch.as_tensor(data[k]) for k in CODE_KEYS}
+
+
+def _datamodule(name: str, kwargs: dict):
+    from dmmh.registry import DATAMODULES
+
+    if "." not in name:
+        return DATAMODULES.create(name, **kwargs)
+    module, _, cls = name.rpartition(".")
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+@torch.no_grad()
+def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int = 4096) -> dict[str, Tensor]:
+    """Codes and labels of the query and database splits of ``datamodule`` under a trained checkpoint."""
+    from dmmh.models.lit import DMMHModule
+
+    module = DMMHModule.load_from_checkpoint(str(ckpt), map_location="cpu")
+    out = {}
+    for split in ("query", "database"):
+        s = datamodule.splits[split]
+        parts = []
+        for start in range(0, len(s), batch_size):
+            rows = slice(start, start + batch_size)
+            image = torch.as_tensor(np.asarray(s.image[rows], dtype=np.float32))
+            text = torch.as_tensor(np.asarray(s.text[rows], dtype=np.float32))
+            parts.append(module.encode(image, text) >= 0)
+        out[f"{split}_codes"] = torch.cat(parts)
+        out[f"{split}_labels"] = torch.as_tensor(np.asarray(s.label))
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmmh report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--codes", nargs="+", help="codes files (.npz/.pt/.safetensors) with keys " + ", ".join(CODE_KEYS))
+    src.add_argument("--ckpt", nargs="+", help="trained DMMHModule checkpoints (needs --data)")
+    p.add_argument("--data", help="DataModule name (see dmmh.list_datamodules()) or class path pkg.module.Class")
+    p.add_argument("--data-args", default="{}", help="JSON dict of DataModule keyword arguments")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--name", nargs="+", help="run names (default: file stems)")
+    p.add_argument("--map-k", nargs="+", default=["all", "1000", "50"], help="k of mAP@k ('all' = whole database)")
+    p.add_argument("--precision-k", nargs="+", type=int, default=list(CURVE_KS), help="k of precision@k / recall@k")
+    p.add_argument("--radius", type=int, default=2, help="Hamming radius of precision@radius")
+    p.add_argument("--empty", choices=EMPTY_POLICIES, default="zero", help="queries without relevant items")
+    p.add_argument("--normalizer", choices=NORMALIZERS, default="retrieved", help="denominator of AP@k")
+    p.add_argument("--no-plots", action="store_true", help="write JSON and CSV only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    """``dmmh report``: evaluate codes files or checkpoints and write the report."""
+    p = _parser()
+    a = p.parse_args(argv)
+    sources = a.codes or a.ckpt
+    names = a.name or [Path(s).stem for s in sources]
+    if len(names) != len(sources) or len(set(names)) != len(names):
+        p.error(f"--name needs {len(sources)} distinct names, got {names}")
+    if a.ckpt:
+        if not a.data:
+            p.error("--ckpt needs --data (a DataModule name or class path)")
+        try:
+            data_args = json.loads(a.data_args)
+        except json.JSONDecodeError as exc:
+            p.error(f"--data-args is not valid JSON: {exc}")
+        dm = _datamodule(a.data, data_args)
+    try:
+        map_ks = [None if k == "all" else int(k) for k in a.map_k]
+    except ValueError:
+        p.error(f"--map-k takes integers or 'all', got {a.map_k}")
+    options = dict(map_ks=map_ks, precision_ks=a.precision_k, radius=a.radius, empty=a.empty, normalizer=a.normalizer)
+    runs = {}
+    for name, src in zip(names, sources):
+        codes = load_codes(src) if a.codes else encode_checkpoint(src, dm)
+        runs[name] = evaluate(codes, **options)
+        print(f"{name}: {runs[name]['n_bits']} bits, mAP@all {runs[name]['mAP']:.4f}")
+    written = write_report(runs, a.out, plots=not a.no_plots)
+    print("wrote " + ", ".join(str(path) for path in written.values()))
+    return written
