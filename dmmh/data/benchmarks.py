@@ -1,0 +1,125 @@
+"""The three benchmarks: MIR-Flickr25K, NUS-WIDE (21 concepts), MS-COCO 2014.
+
+Each reads a local feature file (see :mod:`dmmh.data.readers` for the formats: BSTH's MATLAB
+v7.3 ``*_cnn_twt*.mat``, MATLAB v5, ``.npz``, a folder of ``.npy``, safetensors), validates it,
+and serves ``train`` / ``query`` / ``database`` splits. ``root`` is the file or a folder holding
+it. Published split sizes (DESIGN.md §2) are checked with a warning, the class count with an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from dmmh.data.base import FeatureDataModule, Split
+from dmmh.data.normalize import normalize_splits
+from dmmh.data.readers import SPLIT_KEYS, FeatureFile, find_feature_file, read_feature_file, validate_feature_file, write_npy_folder
+from dmmh.registry import DATAMODULES
+
+__all__ = ["BenchmarkDataModule", "MIRFlickr25K", "NUSWIDE", "MSCOCO"]
+
+
+class BenchmarkDataModule(FeatureDataModule):
+    """Base of the benchmark DataModules (subclasses set the class attributes).
+
+    Args:
+        root: the feature file, or a folder holding it (see :func:`~dmmh.data.readers.find_feature_file`).
+        normalize: ``"none"``, ``"l2"``, ``"zscore"`` or ``"minmax"`` (fitted on the train split),
+            or a dict ``{"image": ..., "text": ...}``.
+        mmap: memory-map the arrays where the format allows (MATLAB v7.3 contiguous datasets,
+            ``.npy`` folders, safetensors).
+        cache_dir: if set, formats that cannot be memory-mapped (or are column-major) are first
+            written once as a row-major ``.npy`` folder under ``cache_dir`` and memory-mapped from there.
+        check_values: scan every array for NaN/inf and non-0/1 labels on load.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
+    """
+
+    display_name: ClassVar[str]
+    file_patterns: ClassVar[tuple[str, ...]]
+    classes: ClassVar[int]
+    published_sizes: ClassVar[dict[str, int]]
+
+    def __init__(
+        self,
+        root: str,
+        normalize: str | dict[str, str] = "none",
+        mmap: bool = True,
+        cache_dir: str | None = None,
+        check_values: bool = True,
+        batch_size: int = 1024,
+        eval_batch_size: int = 1024,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        self.root, self.normalize, self.mmap = root, normalize, bool(mmap)
+        self.cache_dir, self.check_values = cache_dir, bool(check_values)
+        self.source: FeatureFile | None = None
+        self.save_hyperparameters()
+
+    def read(self) -> FeatureFile:
+        """Locate, read and validate the feature file (through the cache when ``cache_dir`` is set)."""
+        path = find_feature_file(self.root, self.file_patterns)
+        ff = read_feature_file(path, mmap=self.mmap)
+        validate_feature_file(ff, self.classes, self.published_sizes, self.display_name, self.check_values)
+        if self.cache_dir is not None and (len(ff.mmapped) < len(ff.arrays) or _column_major(ff)):
+            ff = self._cached(ff)
+        return ff
+
+    def _cached(self, ff: FeatureFile) -> FeatureFile:
+        st = ff.path.stat()
+        folder = Path(self.cache_dir).expanduser() / f"{ff.path.name}-{st.st_size}-{st.st_mtime_ns}"
+        if not folder.is_dir():
+            write_npy_folder({k: ff.arrays[k] for keys in SPLIT_KEYS.values() for k in keys}, folder)
+        cached = read_feature_file(folder, mmap=True)
+        cached.format = f"npy cache of {ff.format} file {ff.path}"
+        return cached
+
+    def load_splits(self) -> dict[str, Split]:
+        ff = self.read()
+        self.source = ff
+        rank_zero_info(f"{self.display_name}: read {ff.describe()}")
+        splits = {name: Split(*(ff.arrays[k] for k in keys)) for name, keys in SPLIT_KEYS.items()}
+        return normalize_splits(splits, self.normalize)
+
+
+def _column_major(ff: FeatureFile) -> bool:
+    """Whether some memory-mapped array is a transposed (column-major) view: rows are strided."""
+    return any(not ff.arrays[k].flags.c_contiguous for k in ff.mmapped)
+
+
+@DATAMODULES.register("mirflickr", aliases=("mirflickr25k", "mir", "flickr25k", "mir-flickr25k"))
+class MIRFlickr25K(BenchmarkDataModule):
+    """MIR-Flickr25K: 24 classes; 5,000 train ⊂ 17,772 database items, 2,243 queries.
+    BSTH's file: ``mir_cnn_twt.mat`` (4096-D VGG image, 1386-D bag-of-words text)."""
+
+    display_name = "MIR-Flickr25K"
+    file_patterns = ("mir*_cnn_twt*.mat", "mir*.*")
+    classes = 24
+    published_sizes = {"train": 5000, "query": 2243, "database": 17772}
+
+
+@DATAMODULES.register("nuswide", aliases=("nus-wide", "nus", "nus_wide"))
+class NUSWIDE(BenchmarkDataModule):
+    """NUS-WIDE, the 21 most frequent concepts: 21,000 train ⊂ 193,749 database items, 2,085
+    queries. BSTH's file: ``nus_cnn_twt.mat``. Use ``mmap`` (default) or ``cache_dir``: the
+    database does not fit comfortably in memory."""
+
+    display_name = "NUS-WIDE"
+    file_patterns = ("nus*_cnn_twt*.mat", "nus*.*")
+    classes = 21
+    published_sizes = {"train": 21000, "query": 2085, "database": 193749}
+
+
+@DATAMODULES.register("coco", aliases=("mscoco", "ms-coco", "coco2014"))
+class MSCOCO(BenchmarkDataModule):
+    """MS-COCO 2014: 80 classes; 18,000 train ⊂ 82,783 database items, 5,981 queries.
+    BSTH's file: ``coco_cnn_twt_2014.mat``."""
+
+    display_name = "MS-COCO"
+    file_patterns = ("coco*_cnn_twt*.mat", "coco*.*")
+    classes = 80
+    published_sizes = {"train": 18000, "query": 5981, "database": 82783}
+

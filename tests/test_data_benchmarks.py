@@ -1,0 +1,160 @@
+"""Benchmark DataModules: every format loads with the right shapes and identical content,
+normalisation matches numpy, the published-size checks, the cache, and ``dmmh fit -c configs/...``."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _benchmark_files import KEYS, WRITERS, make_arrays, write, write_mat73
+
+from dmmh.data import MSCOCO, NUSWIDE, MIRFlickr25K
+from dmmh.data.normalize import RowTransform, normalize_splits
+from dmmh.registry import DATAMODULES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODULES = [(MIRFlickr25K, 24), (NUSWIDE, 21), (MSCOCO, 80)]
+
+
+def _quiet(dm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the tiny files' split sizes differ from the published ones
+        return dm.splits
+
+
+@pytest.mark.parametrize(("cls", "classes"), MODULES)
+def test_each_datamodule_reads_every_format_identically(tmp_path, cls, classes):
+    arrays = make_arrays(np.random.default_rng(), classes)
+    loaded = {}
+    for fmt in WRITERS:
+        folder = tmp_path / fmt
+        folder.mkdir()
+        path = write(fmt, folder, arrays)
+        dm = cls(root=str(path if fmt == "npy" else folder))  # a file's folder, or the .npy folder itself
+        splits = _quiet(dm)
+        assert dm.source.format == WRITERS[fmt][2]
+        assert (dm.image_dim, dm.text_dim, dm.num_classes) == (7, 5, classes)
+        loaded[fmt] = {s: [np.asarray(getattr(splits[s], p)) for p in ("image", "text", "label")] for s in KEYS}
+    for fmt, splits in loaded.items():
+        for split, keys in KEYS.items():
+            for got, key in zip(splits[split], keys):
+                np.testing.assert_array_equal(got, arrays[key], err_msg=f"{fmt} {key}")
+
+
+def test_batches_carry_the_file_rows(tmp_path):
+    arrays = make_arrays(np.random.default_rng(), 24)
+    dm = MIRFlickr25K(root=str(write_mat73(tmp_path / "mir_cnn_twt.mat", arrays)), batch_size=5, eval_batch_size=8)
+    _quiet(dm)
+    train = list(dm.train_dataloader())
+    assert [len(b["index"]) for b in train] == [5, 5]  # 12 items, drop_last
+    for b in train:
+        idx = b["index"].numpy()
+        np.testing.assert_array_equal(b["image"].numpy(), arrays["I_tr"][idx])
+        np.testing.assert_array_equal(b["text"].numpy(), arrays["T_tr"][idx].astype(np.float32))
+        np.testing.assert_array_equal(b["label"].numpy(), arrays["L_tr"][idx])
+    query, database = dm.val_dataloader()
+    db = torch.cat([b["image"] for b in database]).numpy()
+    np.testing.assert_array_equal(db, arrays["I_db"])
+    assert sum(len(b["index"]) for b in query) == 5
+
+
+def test_wrong_class_count_is_an_error_naming_the_dataset(tmp_path):
+    path = write_mat73(tmp_path / "nus_cnn_twt.mat", make_arrays(np.random.default_rng(), 24))
+    with pytest.raises(ValueError, match=r"nus_cnn_twt\.mat \(mat-v7\.3\): key 'L_tr' has 24 columns, expected 21 classes for NUS-WIDE"):
+        _quiet(NUSWIDE(root=str(path)))
+
+
+def test_published_sizes_warn(tmp_path):
+    path = write_mat73(tmp_path / "coco_cnn_twt_2014.mat", make_arrays(np.random.default_rng(), 80))
+    with pytest.warns(UserWarning, match=r"database split .* published MS-COCO split has 82783 \(expected 82783, found 20\)"):
+        MSCOCO(root=str(tmp_path)).splits
+
+
+def _ref_normalize(a, train, method):
+    a, train = a.astype(np.float64), train.astype(np.float64)
+    if method == "l2":
+        norm = np.linalg.norm(a, axis=1, keepdims=True)
+        return a / np.where(norm > 0, norm, 1)  # an all-zero row (empty bag of words) stays zero
+    if method == "zscore":
+        std = train.std(0)
+        return (a - train.mean(0)) / np.where(std > 0, std, 1)
+    lo, hi = train.min(0), train.max(0)
+    return np.where(hi > lo, (a - lo) / np.where(hi > lo, hi - lo, 1), 0)
+
+
+@pytest.mark.parametrize("method", ["l2", "zscore", "minmax"])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_normalisation_matches_numpy_in_memory_and_memory_mapped(tmp_path, method, mmap):
+    arrays = make_arrays(np.random.default_rng(), 24)
+    arrays["I_tr"][:, 2] = 3.5  # a constant train column
+    arrays["I_te"][:, 2] = -1.0
+    dm = MIRFlickr25K(root=str(write_mat73(tmp_path / "mir_cnn_twt.mat", arrays)), normalize=method, mmap=mmap)
+    splits = _quiet(dm)
+    assert isinstance(splits["database"].image, RowTransform) is mmap
+    for split, (ki, kt, kl) in KEYS.items():
+        np.testing.assert_allclose(np.asarray(splits[split].image), _ref_normalize(arrays[ki], arrays["I_tr"], method), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(splits[split].text), _ref_normalize(arrays[kt], arrays["T_tr"], method), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(splits[split].label), arrays[kl])
+    if mmap:  # rows read through the loader are normalised too
+        batch = next(iter(dm.val_dataloader()[1]))
+        np.testing.assert_allclose(batch["image"].numpy(), _ref_normalize(arrays["I_db"], arrays["I_tr"], method), rtol=1e-5, atol=1e-5)
+
+
+def test_per_modality_normalisation_and_bad_names(tmp_path):
+    arrays = make_arrays(np.random.default_rng(), 24)
+    from dmmh.data.base import Split
+
+    splits = {s: Split(arrays[k[0]], arrays[k[1]], arrays[k[2]]) for s, k in KEYS.items()}
+    out = normalize_splits(splits, {"text": "l2"})
+    np.testing.assert_array_equal(out["query"].image, arrays["I_te"])
+    np.testing.assert_allclose(out["query"].text, _ref_normalize(arrays["T_te"], arrays["T_tr"], "l2"), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"normalize\['image'\] must be one of .*got 'l1'"):
+        normalize_splits(splits, {"image": "l1"})
+    with pytest.raises(ValueError, match=r"keys must be 'image' and/or 'text', got \['audio'\]"):
+        normalize_splits(splits, {"audio": "l2"})
+
+
+def test_cache_dir_turns_column_major_files_into_row_major_npy(tmp_path):
+    arrays = make_arrays(np.random.default_rng(), 24)
+    path = write_mat73(tmp_path / "mir_cnn_twt.mat", arrays)
+    cache = tmp_path / "cache"
+    for _ in range(2):  # the second run reuses the cache
+        dm = MIRFlickr25K(root=str(path), cache_dir=str(cache))
+        splits = _quiet(dm)
+        assert dm.source.format.startswith("npy cache of mat-v7.3")
+        assert splits["train"].image.flags.c_contiguous
+        np.testing.assert_array_equal(splits["query"].text, arrays["T_te"])
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_registered_names_and_aliases():
+    for name, cls in [("mirflickr", MIRFlickr25K), ("mir", MIRFlickr25K), ("nuswide", NUSWIDE), ("nus-wide", NUSWIDE),
+                      ("coco", MSCOCO), ("mscoco", MSCOCO)]:
+        assert DATAMODULES.get(name) is cls
+
+
+def test_every_table_cell_has_a_config():
+    import yaml
+
+    for data, cls in [("mirflickr", "MIRFlickr25K"), ("nuswide", "NUSWIDE"), ("coco", "MSCOCO")]:
+        for bits in (16, 32, 64, 128):
+            cfg = yaml.safe_load((CONFIGS / data / f"dmmh_{bits}.yaml").read_text())
+            assert cfg["model"]["n_bits"] == bits
+            assert cfg["data"]["class_path"] == f"dmmh.data.{cls}"
+
+
+def test_cli_fit_with_the_mirflickr_config(tmp_path):
+    from dmmh.cli import cli
+
+    path = write_mat73(tmp_path / "mir_cnn_twt.mat", make_arrays(np.random.default_rng(), 24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        run = cli(["fit", "-c", str(CONFIGS / "mirflickr" / "dmmh_16.yaml"), "--data.root", str(path),
+                   "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"])
+    assert run.trainer.state.finished and run.trainer.global_step == 1
+    h = run.model.hparams
+    assert (h.n_bits, h.image_dim, h.text_dim, h.n_classes) == (16, 7, 5, 24)  # widths linked from the file
+    assert 0.0 <= float(run.trainer.callback_metrics["val/mAP"]) <= 1.0
