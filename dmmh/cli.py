@@ -16,7 +16,9 @@ from lightning.pytorch.cli import LightningCLI
 from dmmh.data.base import FeatureDataModule
 from dmmh.models.lit import DMMHModule
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "report": "dmmh.metrics.report:main",
+}
 
 
 class DMMHCLI(LightningCLI):
