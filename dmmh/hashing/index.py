@@ -1,0 +1,245 @@
+"""``HammingIndex``: packed binary codes with int64 ids, exact search, one-file persistence.
+
+File format (little-endian), version 1::
+
+    magic   8 bytes  b"DMMHHIX\\0"
+    header  24 bytes uint32 version, uint32 n_bits, uint64 n_items, uint64 payload bytes
+    payload          codes uint8 (n_items, n_bits / 8), then ids int64 (n_items,)
+    digest  32 bytes sha256 of header + payload
+
+Files are written to a temporary file next to the target and renamed over it (atomic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dmmh._optional import require
+from dmmh.hashing.packing import pack_bits
+from dmmh.hashing.search import (
+    BACKENDS,
+    RangeResult,
+    _faiss_flat,
+    _faiss_knn,
+    _faiss_range,
+    as_packed,
+    check_k,
+    check_radius,
+    cpu_backend,
+    hamming_knn,
+    hamming_range_search,
+)
+
+__all__ = ["HammingIndex", "IndexFileError"]
+
+MAGIC = b"DMMHHIX\0"
+VERSION = 1
+_HEADER = struct.Struct("<IIQQ")
+_DIGEST = 32
+
+
+class IndexFileError(ValueError):
+    """A file is not a readable dmmh HammingIndex (foreign, truncated, corrupted or too new)."""
+
+
+class HammingIndex:
+    """Exact Hamming index over ``n_bits``-bit codes (``n_bits % 8 == 0``).
+
+    ``add`` takes packed uint8 codes ``(N, n_bits/8)`` or unpacked codes ``(N, n_bits)`` that are
+    floating (±1 or relaxed; ``x >= 0`` is bit 1) or bool. Results are ``(distances, ids)`` ordered by
+    (distance, insertion position); ``backend`` is one of :data:`dmmh.hashing.search.BACKENDS`.
+    Codes live on ``device`` (CPU by default; a CUDA index searches with the torch backend).
+    """
+
+    def __init__(self, n_bits: int, backend: str = "auto", device: str | torch.device = "cpu"):
+        if int(n_bits) != n_bits or n_bits < 8 or n_bits % 8:
+            raise ValueError(f"HammingIndex: n_bits must be a positive multiple of 8, got {n_bits!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"HammingIndex: backend must be one of {BACKENDS}, got {backend!r}")
+        self.n_bits, self.backend, self.device = int(n_bits), backend, torch.device(device)
+        self._codes = torch.zeros((0, self.n_bits // 8), dtype=torch.uint8, device=self.device)
+        self._ids = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._faiss = None  # IndexBinaryFlat over the codes, built on first faiss search
+
+    def __len__(self) -> int:
+        return self._codes.shape[0] + sum(len(i) for _, i in self._pending)
+
+    def __repr__(self) -> str:
+        return f"HammingIndex(n_bits={self.n_bits}, items={len(self)}, backend={self.backend!r}, device={str(self.device)!r})"
+
+    @property
+    def codes(self) -> Tensor:
+        """Packed codes uint8 ``(N, n_bits / 8)`` in insertion order."""
+        self._flush()
+        return self._codes
+
+    @property
+    def ids(self) -> Tensor:
+        """int64 ids ``(N,)`` in insertion order."""
+        self._flush()
+        return self._ids
+
+    def _flush(self) -> None:
+        if self._pending:
+            new_codes = [c for c, _ in self._pending]
+            if self._faiss is not None:
+                for c in new_codes:
+                    self._faiss.add(np.ascontiguousarray(c.numpy()))
+            self._codes = torch.cat([self._codes, *new_codes])
+            self._ids = torch.cat([self._ids, *(i for _, i in self._pending)])
+            self._pending = []
+
+    def _pack(self, codes, what: str) -> Tensor:
+        """Packed uint8 codes on this index's device from packed or unpacked input."""
+        if isinstance(codes, np.ndarray):
+            codes = torch.from_numpy(codes)
+        if not isinstance(codes, Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor or numpy array, got {type(codes).__name__}")
+        if codes.ndim != 2:
+            raise ValueError(f"{what}: expected a matrix (N, bits or bytes), got shape {tuple(codes.shape)}")
+        if codes.dtype == torch.uint8:
+            packed = as_packed(codes, what)
+        elif codes.is_floating_point() or codes.dtype == torch.bool:
+            if codes.shape[1] != self.n_bits:
+                raise ValueError(f"{what}: {codes.shape[1]} bits, the index holds {self.n_bits}-bit codes (shape {tuple(codes.shape)})")
+            packed = pack_bits(codes.to(self.device))
+        else:
+            raise ValueError(
+                f"{what}: dtype {codes.dtype} is ambiguous; pass packed uint8 (N, {self.n_bits // 8}), "
+                f"bool bits or ±1/relaxed floats (N, {self.n_bits})"
+            )
+        if packed.shape[1] != self.n_bits // 8:
+            raise ValueError(f"{what}: {packed.shape[1]} bytes per code, the index holds {self.n_bits // 8} ({self.n_bits} bits)")
+        return packed.to(self.device)
+
+    def add(self, codes, ids=None) -> HammingIndex:
+        """Append codes with their int64 ``ids`` (default: consecutive from ``len(self)``)."""
+        packed = self._pack(codes, "HammingIndex.add")
+        if ids is None:
+            ids = torch.arange(len(self), len(self) + packed.shape[0], dtype=torch.int64)
+        ids = torch.as_tensor(ids)
+        if ids.ndim != 1 or ids.shape[0] != packed.shape[0]:
+            raise ValueError(f"HammingIndex.add: ids must have shape ({packed.shape[0]},), got {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"HammingIndex.add: ids must be integers, got {ids.dtype}")
+        self._pending.append((packed.contiguous(), ids.to(torch.int64).to(self.device)))
+        return self
+
+    def _backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "torch" if self.device.type == "cuda" else cpu_backend()
+
+    def _faiss_index(self):
+        self._flush()
+        if self._faiss is None:
+            self._faiss = _faiss_flat(self._codes)
+        return self._faiss
+
+    def search(self, query, k: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(distances int32, ids int64)``, each ``(Q, min(k, len(self)))``, nearest first."""
+        q, backend, k = self._pack(query, "HammingIndex.search"), self._backend(), check_k(k)
+        if backend == "faiss" and len(self) and len(q):
+            dist, pos = _faiss_knn(self._faiss_index(), q, min(k, len(self)))
+        else:
+            dist, pos = hamming_knn(q, self.codes, k, backend=backend, chunk=chunk)
+        return dist, self.ids[pos]
+
+    def range_search(self, query, radius: int, chunk: int | None = None) -> RangeResult:
+        """Every item within Hamming distance ``radius`` (inclusive) of each query; ``indices`` are ids."""
+        q, backend, radius = self._pack(query, "HammingIndex.range_search"), self._backend(), check_radius(radius)
+        if backend == "faiss":
+            res = _faiss_range(self._faiss_index(), q, radius)
+        else:
+            res = hamming_range_search(q, self.codes, radius, backend=backend, chunk=chunk)
+        return res._replace(indices=self.ids[res.indices])
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to one file, atomically (temporary file + rename)."""
+        codes, ids = self.codes.cpu().contiguous(), self.ids.cpu().contiguous()
+        payload = codes.numpy().tobytes() + ids.numpy().astype("<i8").tobytes()
+        header = _HEADER.pack(VERSION, self.n_bits, codes.shape[0], len(payload))
+        digest = hashlib.sha256(header + payload).digest()
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + header)
+                f.write(payload)
+                f.write(digest)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | torch.device = "cpu") -> HammingIndex:
+        """Read a file written by :meth:`save`; foreign, truncated or corrupted files raise :class:`IndexFileError`."""
+        data = Path(path).read_bytes()
+        head = len(MAGIC) + _HEADER.size
+        if not data.startswith(MAGIC) and not MAGIC.startswith(data):
+            raise IndexFileError(f"{path}: not a dmmh HammingIndex file (starts with {data[:8]!r}, expected {MAGIC!r})")
+        if len(data) < head:
+            raise IndexFileError(f"{path}: truncated: {len(data)} bytes, the header alone needs {head}")
+        version, n_bits, n, n_payload = _HEADER.unpack_from(data, len(MAGIC))
+        if version != VERSION:
+            raise IndexFileError(f"{path}: format version {version}, this dmmh reads version {VERSION}")
+        expected = head + n_payload + _DIGEST
+        if n_bits < 8 or n_bits % 8 or n_payload != n * (n_bits // 8 + 8):
+            raise IndexFileError(f"{path}: inconsistent header (n_bits={n_bits}, items={n}, payload={n_payload} bytes)")
+        if len(data) != expected:
+            what = "truncated" if len(data) < expected else "has trailing bytes"
+            raise IndexFileError(f"{path}: {what}: {len(data)} bytes, expected {expected} for {n} codes of {n_bits} bits")
+        body = memoryview(data)[len(MAGIC) : head + n_payload]
+        if hashlib.sha256(body).digest() != data[-_DIGEST:]:
+            raise IndexFileError(f"{path}: checksum mismatch (corrupted file)")
+        n_code = n * (n_bits // 8)
+        codes = np.frombuffer(data, np.uint8, n_code, head).reshape(n, n_bits // 8)
+        ids = np.frombuffer(data, "<i8", n, head + n_code)
+        index = cls(n_bits, backend=backend, device=device)
+        if n:
+            index.add(torch.from_numpy(codes.copy()), torch.from_numpy(ids.astype(np.int64)))
+        return index
+
+    # ------------------------------------------------------------------ faiss interop
+
+    def to_faiss(self):
+        """A ``faiss.IndexBinaryIDMap`` over an ``IndexBinaryFlat`` holding these codes and ids."""
+        faiss = require("faiss", "HammingIndex.to_faiss")
+        out = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(self.n_bits))
+        if len(self):
+            out.add_with_ids(np.ascontiguousarray(self.codes.cpu().numpy()), self.ids.cpu().numpy())
+        return out
+
+    @classmethod
+    def from_faiss(cls, index, backend: str = "auto", device: str | torch.device = "cpu") -> HammingIndex:
+        """Import a faiss ``IndexBinaryFlat`` (ids 0..N-1) or ``IndexBinaryIDMap`` over one."""
+        faiss = require("faiss", "HammingIndex.from_faiss")
+        index = faiss.downcast_IndexBinary(index)
+        ids = None
+        if isinstance(index, faiss.IndexBinaryIDMap):
+            ids = torch.from_numpy(faiss.vector_to_array(index.id_map).astype(np.int64))
+            index = faiss.downcast_IndexBinary(index.index)
+        if not isinstance(index, faiss.IndexBinaryFlat):
+            raise TypeError(f"from_faiss: expected IndexBinaryFlat or IndexBinaryIDMap over one, got {type(index).__name__}")
+        codes = faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size)
+        out = cls(index.d, backend=backend, device=device)
+        if index.ntotal:
+            out.add(torch.from_numpy(codes.copy()), ids)
+        return out
+

@@ -1,0 +1,175 @@
+"""HammingIndex: add/search/range search, save/load (atomic, checked), faiss export/import."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dmmh._optional import available
+from dmmh.hashing import HammingIndex, IndexFileError, pack_bits
+from dmmh.hashing.index import MAGIC
+
+BACKENDS = ["numpy", "torch", "auto"] + (["faiss"] if available("faiss") else [])
+needs_faiss = pytest.mark.skipif(not available("faiss"), reason="faiss not installed")
+
+
+def ref_search(query_bits: np.ndarray, db_bits: np.ndarray, ids: np.ndarray, k: int):
+    """Brute force on unpacked 0/1 bits, ties by insertion position."""
+    d = (query_bits[:, None, :] != db_bits[None, :, :]).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), ids[order]
+
+
+def make(rng, n, n_bits=32, ties=False):
+    if ties:
+        x = rng.choice([-1.0, 1.0], (n, n_bits // 4)).repeat(4, axis=1)  # 4-bit blocks: many equal distances
+    else:
+        x = rng.standard_normal((n, n_bits))
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_add_and_search_match_brute_force(backend, ties):
+    rng = np.random.default_rng(int(ties))
+    a, b, q = make(rng, 70, ties=ties), make(rng, 45, ties=ties), make(rng, 9, ties=ties)
+    ids_a = rng.permutation(1000)[:70]  # arbitrary, unordered ids
+    index = HammingIndex(32, backend=backend)
+    index.add(a, ids_a)  # relaxed float codes
+    index.add(pack_bits(b))  # packed codes, default ids continue from len(index)
+    index.add(b[:0])  # empty add is a no-op
+    assert len(index) == 115 and index.ids[70:].tolist() == list(range(70, 115))
+    bits = np.concatenate([a.numpy() >= 0, b.numpy() >= 0])
+    all_ids = np.concatenate([ids_a, np.arange(70, 115)])
+    for k in (1, 8, 115, 500):
+        d, i = index.search(q, k)
+        rd, ri = ref_search(q.numpy() >= 0, bits, all_ids, k)
+        np.testing.assert_array_equal(d.numpy(), rd)
+        np.testing.assert_array_equal(i.numpy(), ri)
+    res = index.range_search(q, 12)
+    dist = (q.numpy()[:, None] >= 0) != bits[None]
+    dist = dist.sum(-1)
+    for row in range(len(q)):
+        pos = [j for j in sorted(range(115), key=lambda j: (dist[row, j], j)) if dist[row, j] <= 12]
+        got_d, got_i = res.query(row)
+        assert got_i.tolist() == all_ids[pos].tolist() and got_d.tolist() == dist[row, pos].tolist()
+
+
+def test_search_after_more_adds_sees_new_codes():
+    """The cached faiss index must grow with later adds."""
+    rng = np.random.default_rng(5)
+    index = HammingIndex(16).add(make(rng, 10, 16))
+    index.search(make(rng, 2, 16), 3)
+    target = make(rng, 1, 16)
+    index.add(target, [777])
+    d, i = index.search(target, 1)
+    assert i.tolist() == [[777]] and d.tolist() == [[0]]
+
+
+def test_empty_index_and_bad_input():
+    index = HammingIndex(16)
+    d, i = index.search(torch.randn(3, 16), 5)
+    assert d.shape == (3, 0) and i.shape == (3, 0)
+    assert index.range_search(torch.randn(2, 16), 4).lims.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="multiple of 8"):
+        HammingIndex(12)
+    with pytest.raises(ValueError, match="24 bits, the index holds 16-bit"):
+        index.add(torch.randn(3, 24))
+    with pytest.raises(ValueError, match="3 bytes per code, the index holds 2"):
+        index.add(torch.zeros(4, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="ambiguous"):
+        index.add(torch.ones(4, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"ids must have shape \(4,\)"):
+        index.add(torch.randn(4, 16), ids=[1, 2])
+    with pytest.raises(ValueError, match="ids must be integers"):
+        index.add(torch.randn(2, 16), ids=[1.5, 2.5])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        index.search(torch.randn(1, 16), 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 257])
+def test_save_load_round_trip(tmp_path, n):
+    rng = np.random.default_rng(n)
+    index = HammingIndex(64).add(make(rng, n, 64), rng.integers(-(2**62), 2**62, n))
+    path = index.save(tmp_path / "codes.dmmh")
+    assert [p.name for p in tmp_path.iterdir()] == ["codes.dmmh"]  # no temp file left behind
+    loaded = HammingIndex.load(path)
+    assert loaded.n_bits == 64 and torch.equal(loaded.codes, index.codes) and torch.equal(loaded.ids, index.ids)
+    q = make(rng, 6, 64)
+    for a, b in zip(index.search(q, 10), loaded.search(q, 10)):
+        assert torch.equal(a, b)
+    for a, b in zip(index.range_search(q, 30), loaded.range_search(q, 30)):
+        assert torch.equal(a, b)
+
+
+def test_save_replaces_atomically(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "i.dmmh"
+    HammingIndex(8).add(make(rng, 3, 8)).save(path)
+    before = path.read_bytes()
+
+    def boom(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        HammingIndex(8).add(make(rng, 50, 8)).save(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["i.dmmh"]
+
+
+def test_bad_files(tmp_path):
+    rng = np.random.default_rng(1)
+    good = HammingIndex(32).add(make(rng, 20, 32)).save(tmp_path / "good.dmmh").read_bytes()
+    cases = {
+        "truncated payload": (good[:-40], "truncated"),
+        "truncated header": (good[:12], "truncated"),
+        "only part of magic": (good[:3], "truncated"),
+        "empty": (b"", "truncated"),
+        "foreign": (b"PK\x03\x04" + good[4:], "not a dmmh HammingIndex file"),
+        "numpy file": (b"\x93NUMPY" + bytes(100), "not a dmmh HammingIndex file"),
+        "trailing bytes": (good + b"\0", "trailing bytes"),
+        "flipped payload bit": (good[:50] + bytes([good[50] ^ 1]) + good[51:], "checksum mismatch"),
+        "newer version": (MAGIC + (2).to_bytes(4, "little") + good[12:], "format version 2"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.dmmh"
+        path.write_bytes(data)
+        with pytest.raises(IndexFileError, match=message):
+            HammingIndex.load(path)
+        with pytest.raises(IndexFileError, match=str(path.name)):
+            HammingIndex.load(path)
+
+
+@needs_faiss
+def test_faiss_export_import():
+    import faiss
+
+    rng = np.random.default_rng(2)
+    index = HammingIndex(48).add(make(rng, 100, 48, ties=True), rng.permutation(100) + 10_000)
+    exported = index.to_faiss()
+    q = make(rng, 7, 48, ties=True)
+    d, i = exported.search(pack_bits(q).numpy(), 12)
+    ours_d, ours_i = index.search(q, 12)
+    np.testing.assert_array_equal(d, ours_d.numpy())
+    np.testing.assert_array_equal(i, ours_i.numpy())
+    back = HammingIndex.from_faiss(exported)
+    assert torch.equal(back.codes, index.codes) and torch.equal(back.ids, index.ids)
+    flat = faiss.IndexBinaryFlat(48)
+    flat.add(pack_bits(q).numpy())
+    plain = HammingIndex.from_faiss(flat)
+    assert plain.ids.tolist() == list(range(7)) and torch.equal(plain.codes, pack_bits(q))
+    with pytest.raises(TypeError, match="IndexBinaryFlat"):
+        HammingIndex.from_faiss(faiss.IndexBinaryHash(48, 8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_index_matches_cpu():
+    rng = np.random.default_rng(4)
+    x, q = make(rng, 3000, 128, ties=True), make(rng, 50, 128, ties=True)
+    cpu, gpu = HammingIndex(128).add(x), HammingIndex(128, device="cuda").add(x.cuda())
+    for a, b in zip(cpu.search(q, 100), gpu.search(q.cuda(), 100)):
+        assert torch.equal(a, b.cpu())
