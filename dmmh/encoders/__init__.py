@@ -2,5 +2,6 @@
 
 from dmmh.encoders.base import Encoder, TokenExpansion
 from dmmh.encoders.mlp import MLPEncoder
+from dmmh.encoders.mamba import Mamba, MambaEncoder
 
-__all__ = ["Encoder", "TokenExpansion", "MLPEncoder"]
+__all__ = ["Encoder", "TokenExpansion", "MLPEncoder", "Mamba", "MambaEncoder"]

@@ -40,7 +40,7 @@ class DMMH(nn.Module):
         image_dim: int,
         text_dim: int,
         n_bits: int = 64,
-        encoder: str = "mlp",
+        encoder: str = "mamba",
         encoder_kwargs: Mapping[str, Any] | None = None,
         image_encoder: str | None = None,
         image_encoder_kwargs: Mapping[str, Any] | None = None,

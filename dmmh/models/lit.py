@@ -42,7 +42,7 @@ class DMMHModule(L.LightningModule):
         text_dim: int,
         n_classes: int,
         n_bits: int = 64,
-        encoder: str = "mlp",
+        encoder: str = "mamba",
         encoder_kwargs: dict[str, Any] | None = None,
         image_encoder: str | None = None,
         image_encoder_kwargs: dict[str, Any] | None = None,

@@ -1,0 +1,421 @@
+"""Selective scan (Mamba's S6 recurrence): a reference loop, a fast pure-PyTorch path, mamba-ssm's CUDA kernel.
+
+Every path takes mamba-ssm's ``selective_scan_fn`` signature and semantics::
+
+    delta' = softplus(delta + delta_bias)            (bias and softplus optional)
+    x_t    = exp(delta'_t * A) * x_{t-1} + delta'_t * B_t * u_t     x_{-1} = 0, per (batch, channel, state)
+    y_t    = <x_t, C_t> + D * u_t;   out = y * silu(z)  (D and z optional)
+
+Shapes (``b`` batch, ``d`` channels, ``l`` length, ``n`` state size, ``g`` groups dividing ``d``):
+``u, delta, z: (b, d, l)``; ``A: (d, n)`` real; ``B, C``: ``(d, n)`` (constant), ``(b, n, l)`` (shared by all
+channels) or ``(b, g, n, l)`` (one per channel group); ``D, delta_bias: (d,)``. Returns ``out (b, d, l)``
+and, with ``return_last_state``, ``x_{l-1} (b, d, n)``. Computation runs in float32 (float64 for float64
+inputs); the output has ``u``'s dtype.
+
+Backends (``backend=``): ``"ref"`` the per-step loop (the oracle of the tests); ``"cpu"`` a custom
+autograd function with a hand-written backward that works on batch blocks small enough to stay in
+cache and recomputes the states in the backward pass instead of storing them (pure PyTorch: runs on
+any device); ``"cuda"`` mamba-ssm's compiled kernel (``selective_scan_cuda``, imported lazily);
+``"auto"`` the CUDA kernel for CUDA tensors when it imports, else ``"cpu"``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dmmh._optional import available, require
+
+__all__ = ["selective_scan_fn", "selective_scan_ref", "selective_scan_cpu", "selective_scan_cuda", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "ref", "cpu", "cuda")
+
+# Target size (elements) of one batch block's (l, b, d, n) state tensor in the fast path: a few MiB keeps
+# the block in cache while each per-step slice stays large enough for PyTorch's intra-op threads.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def selective_scan_fn(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+    delta_bias: Tensor | None = None, delta_softplus: bool = False, return_last_state: bool = False,
+    *, backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan on the chosen ``backend`` (see the module docstring)."""
+    name = resolve_backend(backend, u)
+    impl = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cuda": selective_scan_cuda}[name]
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def resolve_backend(backend: str, u: Tensor) -> str:
+    """The concrete backend ``"auto"`` stands for with input ``u``; checks explicit requests."""
+    if backend not in BACKENDS:
+        raise ValueError(f"selective scan backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "cuda" if u.is_cuda and _cuda_kernel_available() else "cpu"
+    if backend == "cuda":
+        _cuda_kernel()  # raises MissingDependencyError naming the extra
+        if not u.is_cuda:
+            raise ValueError(f"selective scan backend 'cuda' needs CUDA tensors; u is on {u.device}")
+    return backend
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def _groups(M: Tensor, what: str, b: int, d: int, n: int, l: int) -> int:
+    """Channel groups of ``B``/``C``: ``d`` for a constant (d, n) matrix, 1 for (b, n, l), g for (b, g, n, l)."""
+    shape = tuple(M.shape)
+    if M.is_complex():
+        raise NotImplementedError(f"{what}: complex B/C (complex A) are not supported by dmmh's selective scan")
+    if M.ndim == 2 and shape == (d, n):
+        return d
+    if M.ndim == 3 and shape == (b, n, l):
+        return 1
+    if M.ndim == 4 and shape[0] == b and shape[2:] == (n, l) and shape[1] >= 1 and d % shape[1] == 0:
+        return shape[1]
+    raise ValueError(
+        f"selective scan: {what} has shape {shape}; expected ({d}, {n}), ({b}, {n}, {l}) or "
+        f"({b}, g, {n}, {l}) with g dividing {d} (u is (b, d, l) = ({b}, {d}, {l}), A is (d, n) = ({d}, {n}))"
+    )
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int]:
+    """Validate shapes; returns (groups of B, groups of C)."""
+    if u.ndim != 3:
+        raise ValueError(f"selective scan: u must be (batch, channels, length), got shape {tuple(u.shape)}")
+    b, d, l = u.shape
+    if A.ndim != 2 or A.shape[0] != d:
+        raise ValueError(f"selective scan: A must be (channels, state) = ({d}, n), got shape {tuple(A.shape)}")
+    if A.is_complex():
+        raise NotImplementedError("selective scan: complex A is not supported by dmmh (use mamba-ssm's reference)")
+    n = A.shape[1]
+    for name, t, want in (("delta", delta, (b, d, l)), ("z", z, (b, d, l)), ("D", D, (d,)), ("delta_bias", delta_bias, (d,))):
+        if t is not None and tuple(t.shape) != want:
+            raise ValueError(f"selective scan: {name} has shape {tuple(t.shape)}, expected {want}")
+    gb, gc = _groups(B, "B", b, d, n, l), _groups(C, "C", b, d, n, l)
+    if B.ndim == 4 and C.ndim == 4 and gb != gc:
+        raise ValueError(f"selective scan: B has {gb} groups but C has {gc}; grouped B and C must agree")
+    return gb, gc
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype) -> Tensor:
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """``(y + D u) * silu(z)`` in the compute dtype of ``y``, cast to ``u``'s dtype."""
+    out = y if D is None else y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(y.dtype))
+    return out.to(u.dtype)
+
+
+# -- reference -----------------------------------------------------------------------------------
+
+
+def _channel_view(M: Tensor, d: int, dtype: torch.dtype) -> Tensor:
+    """``B``/``C`` as ``(b, d, n, l)`` (variable) or ``(d, n)`` (constant)."""
+    M = M.to(dtype)
+    if M.ndim == 3:
+        return M[:, None].expand(-1, d, -1, -1)
+    if M.ndim == 4:
+        return M.repeat_interleave(d // M.shape[1], dim=1)
+    return M
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The selective scan as a plain loop over time steps (autograd gives its gradients): the oracle.
+
+    Structured like mamba-ssm's ``selective_scan_ref`` (decays and inputs precomputed for all steps, then
+    one state update per step), except that steps are taken with ``unbind``, whose backward is one
+    ``stack``: indexing ``[:, :, t]`` would allocate a full-size zero gradient per step (quadratic in ``l``).
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    b, d, l = u.shape
+    dt = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
+    uf, Af = u.to(dtype), A.to(dtype)
+    Bc, Cc = _channel_view(B, d, dtype), _channel_view(C, d, dtype)
+    decay = torch.exp(torch.einsum("bdl,dn->lbdn", dt, Af))
+    if Bc.ndim == 2:
+        inputs = torch.einsum("bdl,dn->lbdn", dt * uf, Bc)
+    else:
+        inputs = torch.einsum("bdl,bdnl->lbdn", dt * uf, Bc)
+    Cs = [Cc] * l if Cc.ndim == 2 else Cc.unbind(-1)
+    x = u.new_zeros((b, d, A.shape[1]), dtype=dtype)
+    ys = []
+    for decay_t, input_t, C_t in zip(decay.unbind(0), inputs.unbind(0), Cs):
+        x = decay_t * x + input_t
+        ys.append((x * C_t).sum(-1))
+    y = torch.stack(ys, dim=2) if ys else u.new_zeros((b, d, 0), dtype=dtype)
+    out = _finish(y, u, D, z)
+    return (out, x) if return_last_state else out
+
+
+# -- fast path -----------------------------------------------------------------------------------
+# Internal layout is time-major: per-step slices are contiguous. The state of a batch block is
+# (l, bb, gs, hs, n) with gs * hs = d: gs = d when B or C is constant (one "group" per channel),
+# else the groups of the grouped B/C, else 1. B and C become (l|1, bb|1, gs, 1, n) to broadcast.
+
+
+def _time_major(M: Tensor, gs: int, d: int, dtype: torch.dtype) -> Tensor:
+    M = M.to(dtype)
+    if M.ndim == 2:
+        return M.reshape(1, 1, d, 1, M.shape[1])
+    if M.ndim == 3:
+        M = M.permute(2, 0, 1)[:, :, None, None, :]
+    else:
+        M = M.permute(3, 0, 1, 2)[:, :, :, None, :]
+    if 1 < M.shape[2] < gs:
+        M = M.repeat_interleave(gs // M.shape[2], dim=2)
+    return M.contiguous()
+
+
+def _from_time_major(dM: Tensor, like: Tensor) -> Tensor:
+    """Gradient ``(l|1, b|1, gs, n)`` back to the layout and groups of ``like`` (B or C)."""
+    if like.ndim == 2:
+        return dM.sum((0, 1)).reshape(like.shape)
+    if like.ndim == 3:
+        return dM.sum(2).permute(1, 2, 0)
+    g = like.shape[1]
+    dM = dM.reshape(dM.shape[0], dM.shape[1], g, -1, dM.shape[-1]).sum(3)
+    return dM.permute(1, 2, 3, 0)
+
+
+def _dot_n(X: Tensor, M: Tensor) -> Tensor:
+    """``sum_n X * M`` for X ``(l, bb, gs, hs, n)``, M ``(l|1, bb|1, gs, 1, n)`` → ``(l, bb, gs, hs)``."""
+    if X.shape[3] >= 8:
+        return torch.matmul(X, M.transpose(-1, -2)).squeeze(-1)
+    return (X * M).sum(-1)
+
+
+def _dot_h(X: Tensor, v: Tensor) -> Tensor:
+    """``sum_h X * v`` for X ``(l, bb, gs, hs, n)``, v ``(l, bb, gs, hs)`` → ``(l, bb, gs, n)``."""
+    if X.shape[3] >= 8:
+        return torch.matmul(v.unsqueeze(-2), X).squeeze(-2)
+    return (X * v.unsqueeze(-1)).sum(3)
+
+
+class _Workspace:
+    """Buffers reused by every batch block: large CPU allocations are fresh pages from the OS each time,
+    and their page faults cost more than the arithmetic done in them."""
+
+    def __init__(self, count: int, block: int, l: int, d: int, n: int, like: Tensor):
+        self.flat = [torch.empty(l * block * d * n, dtype=like.dtype, device=like.device) for _ in range(count)]
+        self.shape = (l, d, n)
+
+    def views(self, bb: int, gs: int) -> list[Tensor]:
+        l, d, n = self.shape
+        return [f[: l * bb * d * n].view(l, bb, gs, d // gs, n) for f in self.flat]
+
+
+def _block_states(decay: Tensor, X: Tensor, dt: Tensor, du: Tensor, A: Tensor, Bx: Tensor) -> None:
+    """Fill ``decay = exp(dt A)`` and the states ``X`` (both ``(l, bb, gs, hs, n)``) of one batch block."""
+    l, bb, gs, hs, n = decay.shape
+    torch.mul(dt.reshape(l, bb, gs, hs, 1), A.view(gs, hs, n), out=decay).exp_()
+    torch.mul(du.reshape(l, bb, gs, hs, 1), Bx, out=X)
+    for t in range(1, l):
+        X[t].addcmul_(decay[t], X[t - 1])
+
+
+def _blocks(b: int, per_item: int) -> tuple[int, list[slice]]:
+    size = min(b, max(1, _BLOCK_ELEMENTS // max(per_item, 1)))
+    return size, [slice(i, min(i + size, b)) for i in range(0, b, size)]
+
+
+def _bx(M: Tensor, blk: slice) -> Tensor:
+    return M if M.shape[1] == 1 else M[:, blk]
+
+
+class _SelectiveScanFast(torch.autograd.Function):
+    """Forward and hand-written backward on time-major batch blocks; states are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, gs):
+        dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        b, d, l = u.shape
+        n = A.shape[1]
+        pre = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias.to(dtype)[:, None]
+        dt = (F.softplus(pre) if delta_softplus else pre).permute(2, 0, 1).contiguous()  # (l, b, d)
+        du = dt * u.to(dtype).permute(2, 0, 1)
+        Af = A.to(dtype)
+        Bx, Cx = _time_major(B, gs, d, dtype), _time_major(C, gs, d, dtype)
+        y = torch.empty(l, b, d, dtype=dtype, device=u.device)
+        last = torch.zeros(b, d, n, dtype=dtype, device=u.device) if return_last_state else None
+        size, blocks = _blocks(b, l * d * n)
+        work = _Workspace(2, size, l, d, n, dt)
+        for blk in blocks:
+            decay, X = work.views(blk.stop - blk.start, gs)
+            _block_states(decay, X, dt[:, blk], du[:, blk], Af, _bx(Bx, blk))
+            y[:, blk] = _dot_n(X, _bx(Cx, blk)).reshape(l, -1, d)
+            if last is not None and l > 0:
+                last[blk] = X[-1].reshape(-1, d, n)
+        y = y.permute(1, 2, 0)  # (b, d, l)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y)
+        ctx.meta = (delta_softplus, gs, dtype)
+        out = _finish(y, u, D, z)
+        return (out, last) if return_last_state else out
+
+    @staticmethod
+    def backward(ctx, dout, dlast=None):
+        u, delta, A, B, C, D, z, delta_bias, y = ctx.saved_tensors
+        delta_softplus, gs, dtype = ctx.meta
+        b, d, l = u.shape
+        n = A.shape[1]
+        uf, dout = u.to(dtype), dout.to(dtype)
+        grads: dict[str, Tensor | None] = dict.fromkeys(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+        if z is not None:
+            zf = z.to(dtype)
+            sig = torch.sigmoid(zf)
+            out_y = y if D is None else y + uf * D.to(dtype)[:, None]
+            grads["z"] = (dout * out_y * sig * (1 + zf * (1 - sig))).to(z.dtype)
+            dout = dout * zf * sig
+        du_total = None if D is None else dout * D.to(dtype)[:, None]
+        if D is not None:
+            grads["D"] = (dout * uf).sum((0, 2)).to(D.dtype)
+        pre = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias.to(dtype)[:, None]
+        dt = (F.softplus(pre) if delta_softplus else pre).permute(2, 0, 1).contiguous()
+        ut = uf.permute(2, 0, 1).contiguous()
+        dvt = dt * ut
+        dyt = dout.permute(2, 0, 1).contiguous()
+        Af = A.to(dtype)
+        Bx, Cx = _time_major(B, gs, d, dtype), _time_major(C, gs, d, dtype)
+        dlast = None if dlast is None else dlast.to(dtype)
+        ddt = torch.empty(l, b, d, dtype=dtype, device=u.device)
+        dut = torch.empty(l, b, d, dtype=dtype, device=u.device)
+        dA = torch.zeros_like(Af)
+        dBx = torch.zeros(Bx.shape[0], Bx.shape[1] if Bx.shape[1] == 1 else b, gs, n, dtype=dtype, device=u.device)
+        dCx = torch.zeros(Cx.shape[0], Cx.shape[1] if Cx.shape[1] == 1 else b, gs, n, dtype=dtype, device=u.device)
+        hs = d // gs
+        size, blocks = _blocks(b, l * d * n)
+        work = _Workspace(3, size, l, d, n, dt)
+        for blk in blocks:
+            bb = blk.stop - blk.start
+            decay, X, G = work.views(bb, gs)
+            dt_b, ut_b, dv_b = dt[:, blk], ut[:, blk], dvt[:, blk]
+            dy5 = dyt[:, blk].reshape(l, bb, gs, hs)
+            Bb, Cb = _bx(Bx, blk), _bx(Cx, blk)
+            _block_states(decay, X, dt_b, dv_b, Af, Bb)
+            _accumulate(dCx, blk, _dot_h(X, dy5))
+            torch.mul(dy5.unsqueeze(-1), Cb, out=G)  # d loss / d x_t, accumulated backwards through the recurrence
+            if dlast is not None and l > 0:
+                G[-1] += dlast[blk].reshape(bb, gs, hs, n)
+            for t in range(l - 2, -1, -1):
+                G[t].addcmul_(decay[t + 1], G[t + 1])
+            _accumulate(dBx, blk, _dot_h(G, dv_b.reshape(l, bb, gs, hs)))
+            ddv = _dot_n(G, Bb).reshape(l, bb, d)  # d loss / d (dt * u)
+            ddt_b = ddv * ut_b
+            dut[:, blk] = ddv * dt_b
+            if l > 1:  # d loss / d (dt A) at t >= 1: G_t * x_{t-1} * exp(dt_t A)
+                W = G[1:].mul_(X[:-1]).mul_(decay[1:]).view(l - 1, bb, d, n)
+                tmp = X[1:].view(l - 1, bb, d, n)  # X is no longer needed: reuse it
+                ddt_b[1:] += torch.mul(W, Af, out=tmp).sum(-1)
+                dA += torch.mul(W, dt_b[1:, :, :, None], out=tmp).sum((0, 1))
+            ddt[:, blk] = ddt_b
+        du_scan = dut.permute(1, 2, 0)
+        du_total = du_scan if du_total is None else du_total + du_scan
+        ddelta = ddt.permute(1, 2, 0)
+        if delta_softplus:
+            ddelta = ddelta * torch.sigmoid(pre)
+        grads.update(
+            u=du_total.to(u.dtype), delta=ddelta.to(delta.dtype), A=dA.to(A.dtype),
+            B=_from_time_major(dBx, B).to(B.dtype), C=_from_time_major(dCx, C).to(C.dtype),
+        )
+        if delta_bias is not None:
+            grads["delta_bias"] = ddelta.sum((0, 2)).to(delta_bias.dtype)
+        g = grads
+        return g["u"], g["delta"], g["A"], g["B"], g["C"], g["D"], g["z"], g["delta_bias"], None, None, None
+
+
+def _accumulate(total: Tensor, blk: slice, part: Tensor) -> None:
+    """Add a block's B/C gradient ``(l, bb, gs, n)`` into ``total`` (summing over broadcast dims)."""
+    if total.shape[0] == 1 and part.shape[0] != 1:
+        part = part.sum(0, keepdim=True)
+    if total.shape[1] == 1:
+        total += part.sum(1, keepdim=True)
+    else:
+        total[:, blk] += part
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The fast pure-PyTorch selective scan with a hand-written backward (any device, named for its purpose)."""
+    gb, gc = _check(u, delta, A, B, C, D, z, delta_bias)
+    gs = max(gb, gc)
+    return _SelectiveScanFast.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), gs)
+
+
+# -- mamba-ssm's CUDA kernel ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_kernel_available() -> bool:
+    return available("selective_scan_cuda")
+
+
+def _cuda_kernel():
+    import torch  # noqa: F401  (the extension needs torch's libraries loaded first)
+
+    return require("selective_scan_cuda", "dmmh's CUDA selective scan (backend='cuda')")
+
+
+class _SelectiveScanCUDA(torch.autograd.Function):
+    """mamba-ssm's ``selective_scan_cuda.fwd/bwd``, called as mamba-ssm's own ``SelectiveScanFn`` does."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        kernel = _cuda_kernel()
+        u, delta, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, delta, B, C))
+        if z is not None and z.stride(-1) != 1:
+            z = z.contiguous()
+        D = None if D is None else D.float().contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+        ctx.squeeze = (B.ndim == 3, C.ndim == 3)
+        B = B.unsqueeze(1) if B.ndim == 3 else B
+        C = C.unsqueeze(1) if C.ndim == 3 else C
+        out, x, *rest = kernel.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        ctx.delta_softplus = delta_softplus
+        ctx.has_z = z is not None
+        last_state = x[:, :, -1, 1::2]
+        if z is None:
+            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, x)
+        else:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, x, out)
+            out = rest[0]
+        if return_last_state:
+            ctx.mark_non_differentiable(last_state)
+            return out, last_state
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        kernel = _cuda_kernel()
+        if ctx.has_z:
+            u, delta, A, B, C, D, z, delta_bias, x, out = ctx.saved_tensors
+        else:
+            (u, delta, A, B, C, D, delta_bias, x), z, out = ctx.saved_tensors, None, None
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = kernel.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout, x, out, None, ctx.delta_softplus, False
+        )
+        dB = dB.squeeze(1) if ctx.squeeze[0] else dB
+        dC = dC.squeeze(1) if ctx.squeeze[1] else dC
+        dz = rest[0] if ctx.has_z else None
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
+                ddelta_bias if delta_bias is not None else None, None, None)
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """mamba-ssm's CUDA kernel (needs ``mamba-ssm`` and CUDA tensors). No gradient flows through the last state."""
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    resolve_backend("cuda", u)
+    return _SelectiveScanCUDA.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))

@@ -1,0 +1,176 @@
+"""The Mamba layer (mamba-ssm compatibility, its own recurrence) and the ``mamba`` encoder."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dmmh
+from dmmh.encoders.mamba import Mamba, MambaEncoder
+
+
+def mamba_ssm_shapes(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False):
+    """mamba_ssm.modules.mamba_simple.Mamba's parameters, written out from its constructor."""
+    d_inner = int(expand * d_model)
+    r = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+    shapes = {"A_log": (d_inner, d_state), "D": (d_inner,), "in_proj.weight": (2 * d_inner, d_model)}
+    shapes |= {"in_proj.bias": (2 * d_inner,)} if bias else {}
+    shapes |= {"conv1d.weight": (d_inner, 1, d_conv)} | ({"conv1d.bias": (d_inner,)} if conv_bias else {})
+    shapes |= {"x_proj.weight": (r + 2 * d_state, d_inner), "dt_proj.weight": (d_inner, r), "dt_proj.bias": (d_inner,)}
+    shapes |= {"out_proj.weight": (d_model, d_inner)} | ({"out_proj.bias": (d_model,)} if bias else {})
+    return shapes
+
+
+@pytest.mark.parametrize("kw", [dict(d_model=256), dict(d_model=40, d_state=8, d_conv=3, expand=1.5),
+                                dict(d_model=17, dt_rank=5, bias=True, conv_bias=False), dict(d_model=8, d_state=1, d_conv=1)])
+def test_state_dict_has_mamba_ssm_keys_and_shapes(kw):
+    got = {k: tuple(v.shape) for k, v in Mamba(**kw).state_dict().items()}
+    assert got == mamba_ssm_shapes(**kw)
+    assert list(got)[:2] == ["A_log", "D"]  # mamba-ssm's order: own parameters, then submodules
+
+
+def test_design_doc_shapes_for_d_model_256():
+    sd = Mamba(256).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "A_log": (512, 16), "D": (512,), "in_proj.weight": (1024, 256), "conv1d.weight": (512, 1, 4),
+        "conv1d.bias": (512,), "x_proj.weight": (48, 512), "dt_proj.weight": (512, 16), "dt_proj.bias": (512,),
+        "out_proj.weight": (256, 512)}
+
+
+def test_initialisation_follows_mamba_ssm():
+    m = Mamba(32, d_state=6, dt_min=0.01, dt_max=0.05)
+    assert torch.equal(-torch.exp(m.A_log), -torch.arange(1, 7.0).repeat(64, 1))
+    assert torch.equal(m.D, torch.ones(64))
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= 0.01 * (1 - 1e-5) and dt.max() <= 0.05 * (1 + 1e-5) and dt.std() > 0
+    std = m.dt_rank**-0.5
+    assert m.dt_proj.weight.abs().max() <= std and m.dt_proj.weight.abs().max() > 0.5 * std
+
+
+def test_state_dict_round_trip_and_bidirectional_keys():
+    a, b = Mamba(24), Mamba(24)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 24)
+    assert torch.equal(a(x), b(x))
+    bi = Mamba(24, bidirectional=True)
+    extra = set(bi.state_dict()) - set(a.state_dict())
+    assert extra == {"A_log_b", "D_b", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias"}
+    bi.load_state_dict(a.state_dict(), strict=False)  # a unidirectional checkpoint fills the shared/forward part
+
+
+def layer_by_hand(m: Mamba, x: torch.Tensor, suffix: str = "") -> torch.Tensor:
+    """Mamba's computation written step by step, token by token (no selective scan call)."""
+    p = {k: v for k, v in m.named_parameters()}
+    b, l, _ = x.shape
+    xz = x @ p["in_proj.weight"].T
+    xs, z = xz[..., : m.d_inner], xz[..., m.d_inner :]
+    if suffix:
+        xs, z = xs.flip(1), z.flip(1)
+    w, cb = p[f"conv1d{suffix}.weight"][:, 0], p[f"conv1d{suffix}.bias"]
+    k = w.shape[1]
+    pad = torch.cat([xs.new_zeros(b, k - 1, m.d_inner), xs], 1)
+    xc = F.silu(torch.stack([(pad[:, t : t + k] * w.T).sum(1) + cb for t in range(l)], 1))
+    proj = xc @ p[f"x_proj{suffix}.weight"].T
+    dt_in, B, C = proj[..., : m.dt_rank], proj[..., m.dt_rank : m.dt_rank + m.d_state], proj[..., m.dt_rank + m.d_state :]
+    dt = F.softplus(dt_in @ p[f"dt_proj{suffix}.weight"].T + p[f"dt_proj{suffix}.bias"])
+    A = -torch.exp(p[f"A_log{suffix}"])
+    h = x.new_zeros(b, m.d_inner, m.d_state)
+    ys = []
+    for t in range(l):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * xc[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append(((h * C[:, t, None, :]).sum(-1) + p[f"D{suffix}"] * xc[:, t]) * F.silu(z[:, t]))
+    y = torch.stack(ys, 1)
+    return y.flip(1) if suffix else y
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpu"])
+def test_layer_equals_hand_written_recurrence(backend):
+    m = Mamba(12, d_state=5, d_conv=3, bidirectional=True, backend=backend)
+    x = torch.randn(3, 7, 12)
+    y = 0.5 * (layer_by_hand(m, x) + layer_by_hand(m, x, "_b"))
+    torch.testing.assert_close(m(x), y @ m.out_proj.weight.T, rtol=1e-5, atol=1e-5)
+    uni = Mamba(12, d_state=5, d_conv=3, backend=backend)
+    torch.testing.assert_close(uni(x), layer_by_hand(uni, x) @ uni.out_proj.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_is_causal():
+    m = Mamba(8, d_state=4)
+    x = torch.randn(2, 6, 8)
+    x2 = x.clone()
+    x2[:, 4] += 1.0
+    y, y2 = m(x), m(x2)
+    assert torch.equal(y[:, :4], y2[:, :4]) and not torch.allclose(y[:, 4:], y2[:, 4:])
+
+
+def test_encoder_shapes_gradients_and_registry():
+    enc = dmmh.ENCODERS.create("mamba", in_dim=10, dim=16, num_tokens=5, depth=2, d_state=4, hidden=(12,), bidirectional=True)
+    assert isinstance(enc, MambaEncoder) and len(enc.layers) == 2
+    x = torch.randn(3, 10)
+    out = enc(x)
+    assert out.shape == (3, 5, 16) and enc.pooled(x).shape == (3, 16)
+    out.square().sum().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    with pytest.raises(ValueError, match="feature width 7 differs"):
+        enc(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        MambaEncoder(10, depth=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MambaEncoder(10, backend="gpu")
+
+
+def test_encoder_backends_agree():
+    torch.manual_seed(0)
+    a = MambaEncoder(6, dim=8, num_tokens=4, d_state=3, hidden=(), dropout=0.0, backend="ref")
+    b = MambaEncoder(6, dim=8, num_tokens=4, d_state=3, hidden=(), dropout=0.0, backend="cpu")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dmmh_model_with_mamba_encoder_trains_a_step():
+    model = dmmh.create_model(image_dim=12, text_dim=9, n_bits=8, encoder="mamba", dim=16, encoder_kwargs={"hidden": (16,)})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    img, txt = torch.randn(6, 12), torch.randn(6, 9)
+    before = model.encoders["image"].layers[0].A_log.detach().clone()
+    loss = (model(img, txt) - torch.sign(torch.randn(6, 8))).square().mean()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model.encoders["image"].layers[0].A_log)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d_model,d_state", [(64, 16), (40, 8)])
+def test_cpu_path_equals_mamba_ssm_module_on_gpu(d_model, d_state):
+    mamba_simple = pytest.importorskip("mamba_ssm.modules.mamba_simple")
+    torch.manual_seed(0)
+    ref = mamba_simple.Mamba(d_model=d_model, d_state=d_state).cuda()
+    ours = Mamba(d_model, d_state=d_state, backend="cpu")
+    ours.load_state_dict({k: v.cpu() for k, v in ref.state_dict().items()})
+    x = torch.randn(4, 32, d_model)
+    want = ref(x.cuda()).cpu()
+    got = ours(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+    # and the other direction: dmmh's weights into mamba-ssm, dmmh on the GPU with its CUDA backend
+    ours_cuda = Mamba(d_model, d_state=d_state, backend="cuda").cuda()
+    ref.load_state_dict(ours_cuda.state_dict())
+    xc = x.cuda()
+    assert ((ours_cuda(xc) - ref(xc)).abs().max() / ref(xc).abs().max()).item() <= 1e-5
+
+
+@pytest.mark.cuda
+def test_dmmh_model_trains_a_step_on_gpu():
+    module = dmmh.DMMHModule(image_dim=64, text_dim=32, n_classes=5, n_bits=16, encoder="mamba").cuda()
+    opt = module.configure_optimizers()
+    batch = {"image": torch.randn(64, 64, device="cuda"), "text": torch.randn(64, 32, device="cuda"),
+             "label": (torch.rand(64, 5, device="cuda") > 0.5).float()}
+    module.log = lambda *a, **k: None
+    first = module.training_step(batch, 0)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss) and loss.item() < first.item()
