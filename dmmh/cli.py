@@ -17,6 +17,7 @@ from dmmh.data.base import FeatureDataModule
 from dmmh.models.lit import DMMHModule
 
 COMMANDS: dict[str, str] = {
+    "extract": "dmmh.extract:main",
     "report": "dmmh.metrics.report:main",
 }
 

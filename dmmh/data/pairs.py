@@ -1,0 +1,343 @@
+"""``pairs``: a folder of images plus a CSV / JSONL of ``image, caption[, tags][, split]``.
+
+The metadata is read with Hugging Face ``datasets`` (``csv`` or ``json`` builder). The Hugging
+Face ``imagefolder`` layout — images under ``root`` with ``root/metadata.jsonl`` whose
+``file_name`` column names them — is read as is. Image paths are relative to ``root``.
+
+Labels: ``tags`` (a list in JSONL, or a string split on ``tag_sep``) become multi-hot vectors
+over the sorted tag vocabulary. Without tags (``labels="instance"``) each distinct caption
+(case and spacing ignored) is its own class: the hashing losses then learn instance
+discrimination — an item's codes from image, caption or both must predict its own caption
+class and differ from the other items' codes. Meant for sets up to ``max_instance_classes``
+distinct captions; larger sets should bring tags.
+
+Bad rows (missing or unreadable image, empty caption, malformed tags or split) are reported
+with their 1-based row number (CSV: plus the file line); ``on_bad_row="error"`` (default)
+raises listing them all, ``"skip"`` warns listing them all and leaves them out.
+
+Splits: a ``split`` column with ``train`` (also in the database, as in the benchmarks),
+``database`` (alias ``db``, ``retrieval``) or ``query`` (alias ``test``); without it
+``num_query`` items (a count, or a fraction when < 1) drawn with ``seed`` are queries and the
+rest are both train and database; ``num_query=0`` uses every item as train, database and query.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dmmh._optional import require
+from dmmh.data.base import SPLITS, FeatureDataModule
+from dmmh.registry import DATAMODULES
+
+__all__ = ["PairsDataModule", "PairsDataset", "PairsTable", "read_pairs", "BadRowsError"]
+
+SPLIT_NAMES = {"train": "train", "database": "database", "db": "database", "retrieval": "database",
+               "query": "query", "test": "query"}
+LABEL_MODES = ("auto", "tags", "instance")
+
+
+class BadRowsError(ValueError):
+    """Rows of a pairs metadata file that cannot be used; ``rows`` lists ``(row, reason)``."""
+
+    def __init__(self, path: str, rows: list[tuple[int, str]]):
+        self.rows = rows
+        shown = "\n".join(f"  {reason}" for _, reason in rows[:50])
+        more = f"\n  ... and {len(rows) - 50} more" if len(rows) > 50 else ""
+        super().__init__(f"{path}: {len(rows)} bad row(s) (on_bad_row='skip' leaves them out):\n{shown}{more}")
+
+
+@dataclass
+class PairsTable:
+    """The usable items of a metadata file, in file order."""
+
+    paths: list[str]
+    captions: list[str]
+    tags: list[list[str]] | None
+    splits: list[str] | None
+    rows: list[int]  # 1-based row number of each item in the metadata
+    bad_rows: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def find_metadata(root: str) -> str:
+    for name in ("metadata.jsonl", "metadata.csv"):
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no metadata given and neither {root}/metadata.jsonl nor {root}/metadata.csv exists")
+
+
+def read_pairs(root: str, metadata: str | None = None, image_column: str | None = None, caption_column: str = "caption",
+               tags_column: str | None = "tags", split_column: str | None = "split", tag_sep: str = ",",
+               on_bad_row: str = "error", cache_dir: str | None = None, check_images: bool = True) -> PairsTable:
+    """Read and validate a pairs metadata file (see the module docs)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    metadata = metadata or find_metadata(root)
+    ext = os.path.splitext(metadata)[1].lower()
+    builder = {".csv": "csv", ".jsonl": "json", ".json": "json"}.get(ext)
+    if builder is None:
+        raise ValueError(f"{metadata}: metadata must be .csv or .jsonl, got {ext or 'no extension'}")
+    datasets = require("datasets", "the pairs DataModule")
+    table = datasets.load_dataset(builder, data_files=metadata, split="train", cache_dir=cache_dir)
+    cols = table.column_names
+    image_column = image_column or ("image" if "image" in cols else "file_name")
+    for col in (image_column, caption_column):
+        if col not in cols:
+            raise ValueError(f"{metadata}: no column {col!r} (columns: {cols})")
+    data = table.to_dict()
+    tags_in = data.get(tags_column) if tags_column else None
+    splits_in = data.get(split_column) if split_column else None
+    where = (lambda i: f"row {i + 1} (line {i + 2})") if builder == "csv" else (lambda i: f"row {i + 1}")
+    out = PairsTable([], [], [] if tags_in is not None else None, [] if splits_in is not None else None, [])
+    for i, (image, caption) in enumerate(zip(data[image_column], data[caption_column])):
+        problem, path = None, None
+        caption = "" if caption is None else str(caption).strip()
+        if not isinstance(image, str) or not image.strip():
+            problem = f"no image file name in column {image_column!r}"
+        else:
+            path = os.path.join(root, image)
+            if not os.path.isfile(path):
+                problem = f"image file {path} does not exist"
+            elif check_images:
+                problem = _unreadable(path)
+        if problem is None and not caption:
+            problem = f"empty caption in column {caption_column!r}"
+        tags = _parse_tags(tags_in[i], tag_sep) if tags_in is not None else None
+        if problem is None and isinstance(tags, str):
+            problem, tags = tags, None
+        split = None
+        if problem is None and splits_in is not None:
+            split = SPLIT_NAMES.get(str(splits_in[i]).strip().lower())
+            if split is None:
+                problem = f"split {splits_in[i]!r} is not one of {sorted(SPLIT_NAMES)}"
+        if problem is not None:
+            out.bad_rows.append((i + 1, f"{where(i)}: {problem}"))
+            continue
+        out.paths.append(path)
+        out.captions.append(caption)
+        out.rows.append(i + 1)
+        if out.tags is not None:
+            out.tags.append(tags)
+        if out.splits is not None:
+            out.splits.append(split)
+    if out.bad_rows:
+        if on_bad_row == "error":
+            raise BadRowsError(metadata, out.bad_rows)
+        warnings.warn(str(BadRowsError(metadata, out.bad_rows)).replace("(on_bad_row='skip' leaves them out)", "skipped"), stacklevel=2)
+    if not len(out):
+        raise ValueError(f"{metadata}: no usable rows")
+    return out
+
+
+def _unreadable(path: str) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"image file {path} is unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _parse_tags(value: Any, sep: str) -> list[str] | str:
+    """Tags as a list of names, or an error message."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(sep) if t.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
+        return [t.strip() for t in value if t.strip()]
+    return f"tags must be a list of strings or a {sep!r}-separated string, got {value!r}"
+
+
+def load_image(path: str):
+    """An RGB PIL image; errors name the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from exc
+
+
+class PairsDataset(Dataset):
+    """Items ``rows`` of a table as ``{"image", "text", "label", "index"}``: the image through
+    ``transform``, the caption's token ids, the label row (dense, or one-hot of a class id)."""
+
+    def __init__(self, paths: Sequence[str], tokens: torch.Tensor, labels: np.ndarray, num_classes: int,
+                 rows: np.ndarray, transform: Callable):
+        self.paths, self.tokens, self.labels, self.num_classes = paths, tokens, labels, num_classes
+        self.rows, self.transform = np.asarray(rows, dtype=np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        r = int(self.rows[i])
+        if self.labels.ndim == 1:  # class ids
+            label = torch.zeros(self.num_classes)
+            label[int(self.labels[r])] = 1
+        else:
+            label = torch.as_tensor(self.labels[r], dtype=torch.float32)
+        return {"image": self.transform(load_image(self.paths[r])), "text": self.tokens[r], "label": label,
+                "index": torch.tensor(i, dtype=torch.int64)}
+
+
+@DATAMODULES.register("pairs")
+class PairsDataModule(FeatureDataModule):
+    """Custom image–text pairs, fed raw to the ``clip_image`` / ``clip_text`` encoders.
+
+    Args:
+        root: folder of the images (and of ``metadata.jsonl`` / ``metadata.csv`` by default).
+        metadata: CSV or JSONL file; default ``root/metadata.jsonl``, else ``root/metadata.csv``.
+        image_column: default ``"image"``, else ``"file_name"`` (HF imagefolder).
+        caption_column, tags_column, split_column: column names (missing tags / split columns are fine).
+        tag_sep: separator of tags given as one string.
+        labels: ``"tags"``, ``"instance"`` or ``"auto"`` (tags when the column exists).
+        max_instance_classes: refuse ``"instance"`` labels above this many distinct captions.
+        on_bad_row: ``"error"`` or ``"skip"`` (see the module docs).
+        num_query: queries drawn when there is no split column (count, or fraction when < 1).
+        clip_model, clip_pretrained, clip_config: build the image transform and tokenizer of this
+            open_clip model (see :class:`dmmh.encoders.clip.ClipBackbone`) ...
+        transform, tokenizer: ... or pass them (``PIL image → tensor``, ``list[str] → (N, L) ids``).
+        cache_dir: ``datasets`` cache folder.
+        batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
+    """
+
+    def __init__(self, root: str, metadata: str | None = None, image_column: str | None = None,
+                 caption_column: str = "caption", tags_column: str | None = "tags", split_column: str | None = "split",
+                 tag_sep: str = ",", labels: str = "auto", max_instance_classes: int = 20000, on_bad_row: str = "error",
+                 num_query: float = 0, clip_model: str | None = None, clip_pretrained: str | None = None,
+                 clip_config: Mapping[str, Any] | None = None, transform: Callable | None = None,
+                 tokenizer: Callable | None = None, cache_dir: str | None = None, batch_size: int = 64,
+                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0):
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        if num_query < 0:
+            raise ValueError(f"num_query must be >= 0, got {num_query}")
+        self.save_hyperparameters(ignore=["transform", "tokenizer"])
+        self.read_kwargs = dict(metadata=metadata, image_column=image_column, caption_column=caption_column,
+                                tags_column=tags_column, split_column=split_column, tag_sep=tag_sep,
+                                on_bad_row=on_bad_row, cache_dir=cache_dir)
+        self.root, self.labels_mode, self.max_instance_classes = root, labels, int(max_instance_classes)
+        self.num_query = num_query
+        self._transform, self._tokenizer = transform, tokenizer
+        self.table: PairsTable | None = None
+
+    # -- loading -----------------------------------------------------------------------------
+    def _clip_tools(self) -> None:
+        if self._transform is not None and self._tokenizer is not None:
+            return
+        h = self.hparams
+        if h["clip_model"] is None:
+            raise ValueError("PairsDataModule needs an image transform and a tokenizer: pass clip_model= (an open_clip "
+                             "architecture) or transform= and tokenizer=")
+        from dmmh.encoders.clip import ClipBackbone
+
+        backbone = ClipBackbone(h["clip_model"], h["clip_pretrained"], h["clip_config"])
+        self._transform = self._transform or backbone.transform
+        self._tokenizer = self._tokenizer or backbone.tokenize
+
+    @property
+    def transform(self) -> Callable:
+        """The image transform (``PIL image → (3, H, W)`` tensor)."""
+        self._clip_tools()
+        return self._transform
+
+    @property
+    def tokenizer(self) -> Callable:
+        """The tokenizer (``list[str] → (N, context_length)`` int64 ids)."""
+        self._clip_tools()
+        tok = self._tokenizer
+        return lambda texts: torch.as_tensor(tok(texts)).to(torch.int64)
+
+    @property
+    def splits(self) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """Split → item positions in :attr:`table` (train ⊂ database)."""
+        if self._splits is None:
+            self._splits = self._load()
+        return self._splits
+
+    def _load(self) -> dict[str, np.ndarray]:
+        self._clip_tools()
+        t = self.table = read_pairs(self.root, **self.read_kwargs)
+        self.tokens = self.tokenizer(t.captions)
+        self.label_array, self.classes = self._labels(t)
+        return self._split_rows(t)
+
+    def _labels(self, t: PairsTable) -> tuple[np.ndarray, list[str]]:
+        mode = self.labels_mode if self.labels_mode != "auto" else ("tags" if t.tags is not None else "instance")
+        if mode == "tags":
+            if t.tags is None:
+                raise ValueError(f"labels='tags' but the metadata has no {self.read_kwargs['tags_column']!r} column")
+            classes = sorted({tag for tags in t.tags for tag in tags})
+            col = {c: j for j, c in enumerate(classes)}
+            y = np.zeros((len(t), max(len(classes), 1)), dtype=np.float32)
+            for i, tags in enumerate(t.tags):
+                y[i, [col[tag] for tag in tags]] = 1
+            return y, classes
+        keys = [" ".join(c.lower().split()) for c in t.captions]
+        classes = sorted(set(keys))
+        if len(classes) > self.max_instance_classes:
+            raise ValueError(f"labels='instance' would make {len(classes)} classes (> max_instance_classes="
+                             f"{self.max_instance_classes}); give the items tags")
+        col = {c: j for j, c in enumerate(classes)}
+        return np.array([col[k] for k in keys], dtype=np.int64), classes
+
+    def _split_rows(self, t: PairsTable) -> dict[str, np.ndarray]:
+        n = len(t)
+        if t.splits is not None:
+            s = np.array(t.splits)
+            out = {"train": np.flatnonzero(s == "train"), "database": np.flatnonzero(s != "query"),
+                   "query": np.flatnonzero(s == "query")}
+        else:
+            k = int(round(self.num_query * n)) if self.num_query < 1 else int(self.num_query)
+            if k >= n:
+                raise ValueError(f"num_query={self.num_query} leaves no database item out of {n}")
+            perm = np.random.default_rng(self.seed).permutation(n)
+            query, rest = np.sort(perm[:k]), np.sort(perm[k:])
+            out = {"train": rest, "database": rest, "query": query if k else rest}
+        empty = [s for s in SPLITS if not len(out[s])]
+        if empty:
+            raise ValueError(f"split(s) {empty} have no items (split column values: train, database, query)")
+        return out
+
+    # -- shapes, read by the CLI to build the model --------------------------------------------
+    @property
+    def image_dim(self) -> int:
+        return 3
+
+    @property
+    def text_dim(self) -> int:
+        self.splits  # noqa: B018  (loads)
+        return int(self.tokens.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        self.splits  # noqa: B018
+        return len(self.classes) if self.label_array.ndim == 1 else int(self.label_array.shape[1])
+
+    def dataset(self, split: str) -> PairsDataset:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        rows = self.splits[split]
+        return PairsDataset(self.table.paths, self.tokens, self.label_array, self.num_classes, rows, self._transform)
+
+    def all_items(self) -> PairsDataset:
+        """Every usable item, in file order."""
+        self.splits  # noqa: B018
+        return PairsDataset(self.table.paths, self.tokens, self.label_array, self.num_classes,
+                            np.arange(len(self.table)), self._transform)
