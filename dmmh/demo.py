@@ -25,8 +25,8 @@ __all__ = ["DemoResult", "DEMO_MODEL", "run_demo", "format_table", "main"]
 
 # The demo's model: every argument is DMMHModule's; chosen to train in seconds on 2 CPU cores.
 DEMO_MODEL: dict[str, Any] = {
-    "encoder": "mlp",
-    "encoder_kwargs": {"hidden": [256], "dropout": 0.1},
+    "encoder": "mamba",
+    "encoder_kwargs": {"hidden": [256], "dropout": 0.1, "depth": 1},
     "dim": 32,
     "fusion": "cnn_deep",
     "head": "tanh",
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> list[DemoResult]:
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64], help="code lengths (default 16 32 64)")
     parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {EPOCHS}, {QUICK_EPOCHS} with --quick)")
     parser.add_argument("--quick", action="store_true", help="a shortened run")
-    parser.add_argument("--encoder", default=DEMO_MODEL["encoder"], help="DMMH encoder name (default mlp)")
+    parser.add_argument("--encoder", default=DEMO_MODEL["encoder"], help="DMMH encoder name (default mamba)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's choice)")
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> list[DemoResult]:
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else EPOCHS)
     model = {**DEMO_MODEL, "encoder": args.encoder}
     if args.encoder != DEMO_MODEL["encoder"]:
-        model.pop("encoder_kwargs")  # those are the MLP encoder's
+        model.pop("encoder_kwargs")  # those are the Mamba encoder's
     start = time.perf_counter()
     print(f"training DMMH at {', '.join(map(str, args.bits))} bits for {epochs} epochs ...", flush=True)
     results = run_demo(args.bits, epochs, args.seed, args.device, model, lambda m: print(m, flush=True), args.threads or None)

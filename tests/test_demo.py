@@ -15,7 +15,7 @@ def test_quick_demo_beats_both_baselines_at_every_code_length(capsys):
     table = out[out.index("bits | DMMH"):]
     for r in results:
         assert f"{r.n_bits:>4} | {r.dmmh:>12.4f} | {r.pca_itq:>15.4f} | {r.lsh:>11.4f}" in table
-    assert f"epochs={QUICK_EPOCHS}" in out and "encoder=mlp" in out and "total time" in out
+    assert f"epochs={QUICK_EPOCHS}" in out and "encoder=mamba" in out and "total time" in out
 
 
 def test_demo_is_seeded():
