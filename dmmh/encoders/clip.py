@@ -146,9 +146,10 @@ class _ClipEncoder(Encoder):
 
     tower = ""
 
-    def __init__(self, in_dim: int | None, dim: int, num_tokens: int, model: str, pretrained: str | None,
-                 model_config: Mapping[str, Any] | None, freeze: bool, train_last: int, output: str,
-                 head: str, head_kwargs: Mapping[str, Any] | None, normalize: bool):
+    def __init__(self, in_dim: int | None = None, dim: int = 128, num_tokens: int = 1, model: str = "ViT-B-32",
+                 pretrained: str | None = None, model_config: Mapping[str, Any] | None = None, freeze: bool = True,
+                 train_last: int = 0, output: str = "pooled", head: str = "mlp", head_kwargs: Mapping[str, Any] | None = None,
+                 normalize: bool = True):
         if output not in OUTPUTS:
             raise ValueError(f"{self.tower} CLIP encoder: output must be one of {OUTPUTS}, got {output!r}")
         if train_last < 0:
@@ -255,13 +256,6 @@ class ClipImageEncoder(_ClipEncoder):
     tower = "image"
     _in_dim_meaning = "in_dim of clip_image is the number of image channels"
 
-    def __init__(self, in_dim: int | None = None, dim: int = 128, num_tokens: int = 1, model: str = "ViT-B-32",
-                 pretrained: str | None = None, model_config: Mapping[str, Any] | None = None, freeze: bool = True,
-                 train_last: int = 0, output: str = "pooled", head: str = "mlp", head_kwargs: Mapping[str, Any] | None = None,
-                 normalize: bool = True):
-        super().__init__(in_dim, dim, num_tokens, model, pretrained, model_config, freeze, train_last, output, head,
-                         head_kwargs, normalize)
-
     def _natural_in_dim(self, backbone):
         return 3
 
@@ -313,13 +307,6 @@ class ClipTextEncoder(_ClipEncoder):
 
     tower = "text"
     _in_dim_meaning = "in_dim of clip_text is the tokenizer's context length"
-
-    def __init__(self, in_dim: int | None = None, dim: int = 128, num_tokens: int = 1, model: str = "ViT-B-32",
-                 pretrained: str | None = None, model_config: Mapping[str, Any] | None = None, freeze: bool = True,
-                 train_last: int = 0, output: str = "pooled", head: str = "mlp", head_kwargs: Mapping[str, Any] | None = None,
-                 normalize: bool = True):
-        super().__init__(in_dim, dim, num_tokens, model, pretrained, model_config, freeze, train_last, output, head,
-                         head_kwargs, normalize)
 
     def _natural_in_dim(self, backbone):
         return backbone.context_length
