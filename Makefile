@@ -6,7 +6,7 @@ STAMP := $(VENV)/.dmmh-installed
 # open_clip needs torchvision; on these machines this pair lies on local disk (a CPU-usable CUDA build).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast docs env clean-env demo
+.PHONY: test docs env clean-env demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
