@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from dmmh.data.pairs import PairsDataModule
+from dmmh.data.readers import SPLIT_KEYS
 
 __all__ = ["extract_features", "read_extraction_meta", "write_npz", "main", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 META_KEY = "dmmh_extraction"  # npz entry / safetensors metadata key holding the JSON record
-_KEYS = {"train": ("I_tr", "T_tr", "L_tr"), "database": ("I_db", "T_db", "L_db"), "query": ("I_te", "T_te", "L_te")}
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that equal arrays give equal .npz bytes
 
 
@@ -85,7 +85,7 @@ def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, ba
     text = np.concatenate([_load_chunk(parts, c)["text"] for c, _ in chunks])
     labels = _dense_labels(data)
     arrays: dict[str, np.ndarray] = {}
-    for split, (ki, kt, kl) in _KEYS.items():
+    for split, (ki, kt, kl) in SPLIT_KEYS.items():
         rows = data.splits[split]
         arrays[ki], arrays[kt], arrays[kl] = image[rows], text[rows], labels[rows]
     meta = json.dumps(record, sort_keys=True)

@@ -9,10 +9,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def rng():
-    """A fresh numpy generator per test (seeded from pytest's test id so failures reproduce)."""
+    """A fresh numpy generator per test: new inputs every run; the seed is printed, so a failure's
+    captured output says how to reproduce it (``np.random.default_rng(seed)``)."""
     import numpy as np
 
-    return np.random.default_rng()
+    seed = int(np.random.SeedSequence().entropy % 2**63)
+    print(f"rng seed: {seed}")
+    return np.random.default_rng(seed)
 
 
 def pytest_collection_modifyitems(config, items):

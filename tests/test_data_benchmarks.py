@@ -158,3 +158,22 @@ def test_cli_fit_with_the_mirflickr_config(tmp_path):
     h = run.model.hparams
     assert (h.n_bits, h.image_dim, h.text_dim, h.n_classes) == (16, 7, 5, 24)  # widths linked from the file
     assert 0.0 <= float(run.trainer.callback_metrics["val/mAP"]) <= 1.0
+
+
+def test_cache_written_concurrently_by_another_process_is_reused(tmp_path, monkeypatch):
+    """Two DDP ranks can both find the cache missing; the one that loses the rename uses the winner's."""
+    import dmmh.data.benchmarks as benchmarks
+    from dmmh.data.readers import write_npy_folder
+
+    arrays = make_arrays(np.random.default_rng(), 24)
+    path = write_mat73(tmp_path / "mir_cnn_twt.mat", arrays)
+    cache = tmp_path / "cache"
+
+    def other_rank_first(arrs, folder):
+        write_npy_folder(arrs, folder)  # the other process finishes between our check and our write
+        return write_npy_folder(arrs, folder)
+
+    monkeypatch.setattr(benchmarks, "write_npy_folder", other_rank_first)
+    splits = _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
+    np.testing.assert_array_equal(splits["query"].text, arrays["T_te"])
+    assert len(list(cache.iterdir())) == 1

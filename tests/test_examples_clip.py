@@ -57,6 +57,15 @@ def test_finetune_pairs_finds_every_item_by_pair_image_and_caption(tmp_path, one
 def test_compose_model(one_thread):
     mod = load("compose_model")
     module, score = mod.main(max_epochs=3)
-    assert 0.0 <= score <= 1.0 and score > 0.3  # far above chance on separable synthetic data
+    # chance: on this data (1-3 of 8 labels per item) random codes already score about 0.44
+    import dmmh
+    from dmmh.metrics import mean_average_precision
+
+    s = dmmh.SyntheticMultiLabel(num_train=256, num_query=64, num_database=512).splits
+    g = torch.Generator().manual_seed(0)
+    yq, ydb = torch.from_numpy(s["query"].label), torch.from_numpy(s["database"].label)
+    chance = max(float(mean_average_precision(torch.randn(64, 16, generator=g), torch.randn(512, 16, generator=g), yq, ydb))
+                 for _ in range(5))
+    assert 0.0 <= score <= 1.0 and score > chance + 0.1, (score, chance)  # clearly above chance
     src = (EXAMPLES / "compose_model.py").read_text().splitlines()
     assert len(src) < 30

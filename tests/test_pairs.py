@@ -165,3 +165,27 @@ def test_datamodule_registered():
     import dmmh
 
     assert dmmh.DATAMODULES.get("pairs") is PairsDataModule
+    assert "PairsDataModule" in dmmh.data.__all__  # exported like the other DataModules
+
+
+def test_small_query_fraction_still_makes_disjoint_queries(tmp_path):
+    """A fraction that rounds to 0 items must not fall back to num_query=0 (every item a query)."""
+    make_pairs_folder(tmp_path, 6, "csv")
+    dm = tiny_datamodule(tmp_path, split_column=None, num_query=0.05, seed=3)
+    q, db = dm.splits["query"], dm.splits["database"]
+    assert len(q) == 1 and len(db) == 5 and not set(q) & set(db)
+    with pytest.raises(ValueError, match="whole count"):
+        tiny_datamodule(tmp_path, num_query=2.5)
+
+
+@pytest.mark.parametrize("labels", ["auto", "tags"])
+def test_empty_tags_column_is_an_error_not_all_zero_labels(tmp_path, labels):
+    make_pairs_folder(tmp_path, 3, "csv")
+    path = tmp_path / "metadata.csv"
+    rows = list(csv.DictReader(open(path)))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "tags": ""} for r in rows)
+    with pytest.raises(ValueError, match=r"'tags' column holds no tag.*labels='instance'"):
+        tiny_datamodule(tmp_path, labels=labels).splits

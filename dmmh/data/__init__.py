@@ -6,4 +6,4 @@ from dmmh.data.synthetic import SyntheticMultiLabel
 from dmmh.data.uci import UCIMultipleFeatures
 from dmmh.data.pairs import PairsDataModule
 
-__all__ = ["FeatureDataModule", "FeatureDataset", "Split", "SyntheticMultiLabel", "BenchmarkDataModule", "MIRFlickr25K", "NUSWIDE", "MSCOCO", "UCIMultipleFeatures"]
+__all__ = ["FeatureDataModule", "FeatureDataset", "Split", "SyntheticMultiLabel", "BenchmarkDataModule", "MIRFlickr25K", "NUSWIDE", "MSCOCO", "UCIMultipleFeatures", "PairsDataModule"]

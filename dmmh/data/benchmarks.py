@@ -72,7 +72,11 @@ class BenchmarkDataModule(FeatureDataModule):
         st = ff.path.stat()
         folder = Path(self.cache_dir).expanduser() / f"{ff.path.name}-{st.st_size}-{st.st_mtime_ns}"
         if not folder.is_dir():
-            write_npy_folder({k: ff.arrays[k] for keys in SPLIT_KEYS.values() for k in keys}, folder)
+            try:
+                write_npy_folder({k: ff.arrays[k] for keys in SPLIT_KEYS.values() for k in keys}, folder)
+            except OSError:
+                if not folder.is_dir():  # else another process (e.g. a DDP rank) wrote it first: use theirs
+                    raise
         cached = read_feature_file(folder, mmap=True)
         cached.format = f"npy cache of {ff.format} file {ff.path}"
         return cached

@@ -228,6 +228,8 @@ class PairsDataModule(FeatureDataModule):
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         if num_query < 0:
             raise ValueError(f"num_query must be >= 0, got {num_query}")
+        if num_query >= 1 and num_query != int(num_query):
+            raise ValueError(f"num_query must be a whole count when >= 1 (a fraction when < 1), got {num_query}")
         self.save_hyperparameters(ignore=["transform", "tokenizer"])
         self.read_kwargs = dict(metadata=metadata, image_column=image_column, caption_column=caption_column,
                                 tags_column=tags_column, split_column=split_column, tag_sep=tag_sep,
@@ -284,8 +286,11 @@ class PairsDataModule(FeatureDataModule):
             if t.tags is None:
                 raise ValueError(f"labels='tags' but the metadata has no {self.read_kwargs['tags_column']!r} column")
             classes = sorted({tag for tags in t.tags for tag in tags})
+            if not classes:
+                raise ValueError(f"labels={self.labels_mode!r}: the {self.read_kwargs['tags_column']!r} column holds no tag "
+                                 f"in any row; fill it, or pass labels='instance' (or tags_column=None)")
             col = {c: j for j, c in enumerate(classes)}
-            y = np.zeros((len(t), max(len(classes), 1)), dtype=np.float32)
+            y = np.zeros((len(t), len(classes)), dtype=np.float32)
             for i, tags in enumerate(t.tags):
                 y[i, [col[tag] for tag in tags]] = 1
             return y, classes
@@ -305,6 +310,8 @@ class PairsDataModule(FeatureDataModule):
                    "query": np.flatnonzero(s == "query")}
         else:
             k = int(round(self.num_query * n)) if self.num_query < 1 else int(self.num_query)
+            if self.num_query > 0:
+                k = max(k, 1)  # a small fraction must not round to 0, which means "every item is a query"
             if k >= n:
                 raise ValueError(f"num_query={self.num_query} leaves no database item out of {n}")
             perm = np.random.default_rng(self.seed).permutation(n)
