@@ -44,12 +44,12 @@ def cli(args: list[str] | None = None, run: bool = True) -> DMMHCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        module, func = COMMANDS[argv[0]].split(":")
-        getattr(importlib.import_module(module), func)(argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in COMMANDS:
+        module, func = COMMANDS[args[0]].split(":")
+        getattr(importlib.import_module(module), func)(args[1:])
         return
-    cli(argv)
+    cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":  # pragma: no cover

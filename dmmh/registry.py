@@ -69,6 +69,8 @@ class Registry:
         """Register ``obj`` under ``name`` and ``aliases``; a taken name is an error unless ``override``."""
         if not callable(obj):
             raise TypeError(f"{self.kind} {name!r}: {obj!r} is not callable")
+        # iterated several times below (a generator would be used up); a lone string is one alias, not its letters
+        aliases = (aliases,) if isinstance(aliases, str) else tuple(aliases)
         for key in (name, *aliases):
             if not isinstance(key, str) or not key:
                 raise ValueError(f"{self.kind} names must be non-empty strings, got {key!r}")
@@ -81,6 +83,11 @@ class Registry:
         if override:
             for key in (name, *aliases):
                 self._aliases.pop(key, None)
+            for alias in aliases:  # an alias that was a canonical name must not stay shadowed by the old entry
+                if alias != name and alias in self._entries:
+                    del self._entries[alias]  # (not via remove(): no plugin loading during registration)
+                    for other in [a for a, c in self._aliases.items() if c == alias]:
+                        del self._aliases[other]
         self._entries[name] = obj
         for alias in aliases:
             self._aliases[alias] = name

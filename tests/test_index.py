@@ -96,6 +96,7 @@ def test_save_load_round_trip(tmp_path, n):
     index = HammingIndex(64).add(make(rng, n, 64), rng.integers(-(2**62), 2**62, n))
     path = index.save(tmp_path / "codes.dmmh")
     assert [p.name for p in tmp_path.iterdir()] == ["codes.dmmh"]  # no temp file left behind
+    assert path.stat().st_mode & 0o644 == 0o644  # not mkstemp's owner-only 0600
     loaded = HammingIndex.load(path)
     assert loaded.n_bits == 64 and torch.equal(loaded.codes, index.codes) and torch.equal(loaded.ids, index.ids)
     q = make(rng, 6, 64)

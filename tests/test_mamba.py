@@ -55,7 +55,7 @@ def test_state_dict_round_trip_and_bidirectional_keys():
     assert torch.equal(a(x), b(x))
     bi = Mamba(24, bidirectional=True)
     extra = set(bi.state_dict()) - set(a.state_dict())
-    assert extra == {"A_log_b", "D_b", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias"}
+    assert extra == {"A_b_log", "D_b", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias"}
     bi.load_state_dict(a.state_dict(), strict=False)  # a unidirectional checkpoint fills the shared/forward part
 
 
@@ -74,7 +74,7 @@ def layer_by_hand(m: Mamba, x: torch.Tensor, suffix: str = "") -> torch.Tensor:
     proj = xc @ p[f"x_proj{suffix}.weight"].T
     dt_in, B, C = proj[..., : m.dt_rank], proj[..., m.dt_rank : m.dt_rank + m.d_state], proj[..., m.dt_rank + m.d_state :]
     dt = F.softplus(dt_in @ p[f"dt_proj{suffix}.weight"].T + p[f"dt_proj{suffix}.bias"])
-    A = -torch.exp(p[f"A_log{suffix}"])
+    A = -torch.exp(p["A_b_log" if suffix else "A_log"])
     h = x.new_zeros(b, m.d_inner, m.d_state)
     ys = []
     for t in range(l):

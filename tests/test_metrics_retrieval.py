@@ -60,6 +60,8 @@ def test_metric_errors():
         m.compute()
     with pytest.raises(ValueError, match="empty must be"):
         RetrievalMAP(empty="skip")
+    with pytest.raises(ValueError, match=r"labels must be 0/1.*row 1, column 0"):  # not truncated to 0 by a cast
+        m.update(torch.ones(2, 8), torch.tensor([[1.0], [0.5]]), torch.arange(2), "database")
 
 
 def _ddp_worker(rank, world, init_file, out_file):

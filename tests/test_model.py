@@ -162,3 +162,21 @@ def test_modality_dropout_only_in_training():
     assert not torch.allclose(both, img_only)
     with pytest.raises(ValueError, match="modality_dropout"):
         dmmh.create_model(image_dim=6, text_dim=5, modality_dropout=1.5)
+
+
+def test_single_validation_loader_serves_as_query_and_database_in_fit(tmp_path):
+    """fit's sanity check runs validation_step outside the VALIDATING stage; one loader must still fill both roles."""
+    data = small_data(num_train=32, num_query=12, num_database=40)
+    data.setup("fit")
+
+    class OneLoader(L.LightningDataModule):
+        def train_dataloader(self):
+            return data.train_dataloader()
+
+        def val_dataloader(self):
+            return data.val_dataloader()[1]
+
+    module = module_for(data)
+    t = trainer(tmp_path, max_epochs=1, num_sanity_val_steps=2)
+    t.fit(module, OneLoader())
+    assert 0.0 <= float(t.callback_metrics["val/mAP"]) <= 1.0

@@ -77,6 +77,15 @@ def test_duplicate_registration_is_an_error_unless_override():
     assert reg.get("alpha") is dict
     reg.remove("alpha")
     assert "alpha" not in reg
+    reg.add("gamma", list, aliases=("Beta",), override=True)  # an alias replacing a canonical name
+    assert reg.get("Beta") is list and reg.list() == ["gamma"]
+
+
+def test_aliases_from_a_generator_or_a_lone_string():
+    reg = Registry("widget")
+    reg.add("alpha", dict, aliases=(a for a in ("a", "al")))
+    reg.add("beta", list, aliases="bb")
+    assert reg.list(aliases=True) == ["a", "al", "alpha", "bb", "beta"]
 
 
 def test_name_of():

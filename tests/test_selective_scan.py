@@ -142,6 +142,15 @@ def test_auto_uses_the_fast_path_on_cpu_and_cuda_backend_needs_mamba_ssm():
             selective_scan_fn(**ins, backend="cuda")
 
 
+def test_auto_falls_back_for_dtypes_the_cuda_kernel_rejects(monkeypatch):
+    """mamba-ssm's kernel takes fp32/fp16/bf16 only; 'auto' must not send it float64 (checked with a stand-in tensor)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ss, "_cuda_kernel_available", lambda: True)
+    assert ss.resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float32)) == "cuda"
+    assert ss.resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float64)) == "cpu"
+
+
 def test_import_dmmh_does_not_import_mamba_ssm():
     import subprocess
     import sys

@@ -81,7 +81,7 @@ class Mamba(nn.Module):
         if self.bidirectional:
             bwd = _Direction(*direction)
             self.conv1d_b, self.x_proj_b, self.dt_proj_b = bwd.conv1d, bwd.x_proj, bwd.dt_proj
-            self.A_log_b, self.D_b = bwd.A_log, bwd.D
+            self.A_b_log, self.D_b = bwd.A_log, bwd.D  # Vim spells it A_b_log, not A_log_b
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def _scan(self, suffix: str, x: Tensor, z: Tensor) -> Tensor:
@@ -90,7 +90,7 @@ class Mamba(nn.Module):
         x = F.silu(conv(x)[..., :seqlen])
         dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l); dt_proj's bias is added in the scan
-        A = -torch.exp(getattr(self, "A_log" + suffix).float())
+        A = -torch.exp((self.A_b_log if suffix else self.A_log).float())
         return selective_scan_fn(
             x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), getattr(self, "D" + suffix).float(),
             z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,

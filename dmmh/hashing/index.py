@@ -180,6 +180,7 @@ class HammingIndex:
                 f.write(digest)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved index is readable as a plain open() would leave it
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

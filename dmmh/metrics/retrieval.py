@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from dmmh._checks import check_labels
 from dmmh.metrics.functional import _check_options, as_bits, mean_average_precision, retrieval_metrics
 
 __all__ = ["RetrievalMAP"]
@@ -46,6 +47,7 @@ class RetrievalMAP(Metric):
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if not (len(codes) == len(labels) == len(indexes)):
             raise ValueError(f"codes, labels and indexes differ in length: {len(codes)}, {len(labels)}, {len(indexes)}")
+        check_labels(labels, f"{role} labels")  # before the uint8 cast, which would truncate 0.5 to 0
         getattr(self, f"{role}_codes").append(as_bits(codes, f"{role} codes").to(torch.uint8))
         getattr(self, f"{role}_labels").append(labels.to(torch.uint8))
         getattr(self, f"{role}_indexes").append(indexes.to(torch.int64))

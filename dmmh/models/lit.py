@@ -107,22 +107,22 @@ class DMMHModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=n)
         return total
 
-    def _eval_step(self, metric: RetrievalMAP, batch: Mapping[str, Tensor], dataloader_idx: int) -> None:
+    def _eval_step(self, metric: RetrievalMAP, batch: Mapping[str, Tensor], dataloader_idx: int, n_loaders: int) -> None:
         image, text, label = self._unpack(batch)
         codes = self.model.encode(image, text)
         index = batch.get("index")
         if index is None:
             raise ValueError("evaluation batches need an 'index' entry (the item's position in its split)")
-        n_loaders = len(self.trainer.num_val_batches if self.trainer.validating else self.trainer.num_test_batches)
         roles = ("query", "database") if n_loaders == 1 else (("query", "database")[dataloader_idx],)
         for role in roles:
             metric.update(codes, label, index, role)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_map, batch, dataloader_idx)
+        # num_val_batches, not a check of trainer.validating: fit's sanity check runs this step in another stage
+        self._eval_step(self.val_map, batch, dataloader_idx, len(self.trainer.num_val_batches))
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.test_map, batch, dataloader_idx)
+        self._eval_step(self.test_map, batch, dataloader_idx, len(self.trainer.num_test_batches))
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/mAP", self.val_map.compute(), prog_bar=True, sync_dist=False)

@@ -32,6 +32,7 @@ from dmmh._optional import available, require
 __all__ = ["selective_scan_fn", "selective_scan_ref", "selective_scan_cpu", "selective_scan_cuda", "resolve_backend", "BACKENDS"]
 
 BACKENDS = ("auto", "ref", "cpu", "cuda")
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what mamba-ssm's kernel accepts as input
 
 # Target size (elements) of one batch block's (l, b, d, n) state tensor in the fast path: a few MiB keeps
 # the block in cache while each per-step slice stays large enough for PyTorch's intra-op threads.
@@ -53,8 +54,8 @@ def resolve_backend(backend: str, u: Tensor) -> str:
     """The concrete backend ``"auto"`` stands for with input ``u``; checks explicit requests."""
     if backend not in BACKENDS:
         raise ValueError(f"selective scan backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "cuda" if u.is_cuda and _cuda_kernel_available() else "cpu"
+    if backend == "auto":  # mamba-ssm's kernel takes fp32/fp16/bf16 only: float64 falls back to the pure-PyTorch path
+        return "cuda" if u.is_cuda and u.dtype in _CUDA_DTYPES and _cuda_kernel_available() else "cpu"
     if backend == "cuda":
         _cuda_kernel()  # raises MissingDependencyError naming the extra
         if not u.is_cuda:
