@@ -46,16 +46,20 @@ def test_training_beats_untrained_model(tmp_path, fusion, head):
     assert after > 0.75
 
 
-def test_logged_map_equals_direct_computation(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"map_top_k": 5, "map_normalizer": "relevant", "map_empty": "exclude"}, {"map_top_k": 20, "map_normalizer": "min"}])
+def test_logged_map_equals_direct_computation(tmp_path, options):
     L.seed_everything(2, verbose=False)
     data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16)
     data.eval_batch_size = 16  # several eval batches per split
-    module = module_for(data)
+    module = module_for(data, **options)
     logged = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/mAP"]
     q, db = data.splits["query"], data.splits["database"]
     qc = module.encode(torch.from_numpy(q.image), torch.from_numpy(q.text))
     dc = module.encode(torch.from_numpy(db.image), torch.from_numpy(db.text))
-    direct = mean_average_precision(qc, dc, torch.from_numpy(q.label), torch.from_numpy(db.label))
+    direct = mean_average_precision(
+        qc, dc, torch.from_numpy(q.label), torch.from_numpy(db.label), top_k=options.get("map_top_k"),
+        empty=options.get("map_empty", "zero"), normalizer=options.get("map_normalizer", "retrieved"),
+    )
     assert math.isclose(logged, direct, rel_tol=1e-6)
 
 

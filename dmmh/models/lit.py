@@ -33,7 +33,9 @@ class DMMHModule(L.LightningModule):
         n_classes: label width (needed by the classification and central-similarity losses).
         losses: loss name → weight, or → ``{"weight": w, **kwargs}``.
         lr, weight_decay: Adam settings.
-        map_top_k, map_empty: evaluation options of :class:`~dmmh.metrics.RetrievalMAP`.
+        map_top_k, map_empty, map_normalizer: evaluation options of :class:`~dmmh.metrics.RetrievalMAP`
+            (see docs/evaluation.md: ``map_empty="exclude"`` matches the MATLAB code behind the
+            published tables, the default ``"zero"`` the Python ports).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class DMMHModule(L.LightningModule):
         weight_decay: float = 0.0,
         map_top_k: int | None = None,
         map_empty: str = "zero",
+        map_normalizer: str = "retrieved",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -70,8 +73,8 @@ class DMMHModule(L.LightningModule):
             fusion_kwargs=fusion_kwargs, head=head, head_kwargs=head_kwargs, modality_dropout=modality_dropout,
         )
         self.loss = CombinedLoss(dict(losses) if losses is not None else DEFAULT_LOSSES, n_bits=n_bits, n_classes=n_classes)
-        self.val_map = RetrievalMAP(top_k=map_top_k, empty=map_empty)
-        self.test_map = RetrievalMAP(top_k=map_top_k, empty=map_empty)
+        self.val_map = RetrievalMAP(top_k=map_top_k, empty=map_empty, normalizer=map_normalizer)
+        self.test_map = RetrievalMAP(top_k=map_top_k, empty=map_empty, normalizer=map_normalizer)
 
     def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
         return self.model(image, text)
