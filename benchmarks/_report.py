@@ -7,12 +7,13 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from dmmh._io import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,10 +67,6 @@ class Report:
         self.lines.append(line)
 
     def save(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(self.lines) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, ("\n".join(self.lines) + "\n").encode())
         print(f"# written to {self.path}")
         return self.path

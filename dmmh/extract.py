@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from dmmh._io import atomic_write
 from dmmh.data.pairs import PairsDataModule
 from dmmh.data.readers import SPLIT_KEYS
 
@@ -131,7 +131,7 @@ def _open_parts(parts: Path, record: dict[str, Any]) -> None:
         _check_same(json.loads(meta.read_text()), record, f"{parts} (an interrupted extraction)")
         return
     parts.mkdir(parents=True, exist_ok=True)
-    _atomic(meta, lambda f: f.write(json.dumps(record, sort_keys=True).encode()))
+    atomic_write(meta, lambda f: f.write(json.dumps(record, sort_keys=True).encode()))
 
 
 def _data_fingerprint(data: PairsDataModule) -> str:
@@ -163,19 +163,6 @@ def _load_chunk(parts: Path, c: int) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: unreadable cached chunk ({exc}); delete it to recompute it") from exc
 
 
-def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temporary sibling and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Uncompressed ``.npz`` with fixed timestamps (reproducible bytes), written atomically."""
 
@@ -186,7 +173,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 with zf.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(arrays[key]), allow_pickle=False)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
@@ -194,7 +181,7 @@ def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict
 
     require("safetensors", "writing .safetensors features")
     import safetensors.numpy as numpy_st
-    _atomic(path, lambda f: f.write(numpy_st.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)))
+    atomic_write(path, lambda f: f.write(numpy_st.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)))
 
 
 class _NoBar:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dmmh._io import atomic_write
 from dmmh._optional import require
 from dmmh.hashing.packing import pack_bits
 from dmmh.hashing.search import (
@@ -171,21 +171,7 @@ class HammingIndex:
         payload = codes.numpy().tobytes() + ids.numpy().astype("<i8").tobytes()
         header = _HEADER.pack(VERSION, self.n_bits, codes.shape[0], len(payload))
         digest = hashlib.sha256(header + payload).digest()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + header)
-                f.write(payload)
-                f.write(digest)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved index is readable as a plain open() would leave it
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        path = atomic_write(path, MAGIC + header + payload + digest)
         return path
 
     @classmethod

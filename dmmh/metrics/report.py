@@ -22,13 +22,13 @@ import importlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dmmh._io import atomic_write
 from dmmh._optional import require
 from dmmh.metrics.functional import EMPTY_POLICIES, NORMALIZERS, retrieval_metrics
 
@@ -41,19 +41,6 @@ CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 def evaluate(codes: dict[str, Tensor], map_ks=(None, 1000, 50), precision_ks=CURVE_KS, **options) -> dict:
     """:func:`~dmmh.metrics.functional.retrieval_metrics` of a dict holding :data:`CODE_KEYS`."""
     return retrieval_metrics(*(codes[k] for k in CODE_KEYS), map_ks=map_ks, precision_ks=precision_ks, **options)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _csv_rows(name: str, m: dict) -> list[list]:
@@ -121,7 +108,7 @@ def write_report(runs: dict[str, dict], out_dir: str | os.PathLike, plots: bool 
     if plots:
         files |= _plots(runs)
     for name, data in files.items():
-        _atomic_write(out / name, data)
+        atomic_write(out / name, data)
     return {name: out / name for name in files}
 
 
