@@ -62,15 +62,21 @@ def as_bits(codes, what: str = "codes") -> Tensor:
     return x >= 0
 
 
-def _prepare(query_codes, database_codes, query_labels, database_labels):
+def _code_pair(query_codes, database_codes) -> tuple[Tensor, Tensor]:
+    """Both code sets as bool bits, checked to have the same length."""
     q, d = as_bits(query_codes, "query codes"), as_bits(database_codes, "database codes")
+    if q.shape[1] != d.shape[1]:
+        raise ValueError(f"code lengths differ: query {q.shape[1]} bits, database {d.shape[1]} bits")
+    return q, d
+
+
+def _prepare(query_codes, database_codes, query_labels, database_labels):
+    q, d = _code_pair(query_codes, database_codes)
     yq, yd = torch.as_tensor(query_labels), torch.as_tensor(database_labels)
     if len(q) == 0:
         raise ValueError("the query set is empty: need at least one query")
     if len(d) == 0:
         raise ValueError("the database is empty: need at least one database item")
-    if q.shape[1] != d.shape[1]:
-        raise ValueError(f"code lengths differ: query {q.shape[1]} bits, database {d.shape[1]} bits")
     check_labels(yq, "query labels")
     check_labels(yd, "database labels")
     if yq.shape[1] != yd.shape[1]:
@@ -126,9 +132,7 @@ def _ap_at(s: RankingStats, k: int, normalizer: str) -> Tensor:
 
 def hamming_distance(query: Tensor, database: Tensor) -> Tensor:
     """Integer Hamming distances ``(Q, N)`` (int64) between two code matrices of any accepted form."""
-    q, d = as_bits(query, "query codes"), as_bits(database, "database codes")
-    if q.shape[1] != d.shape[1]:
-        raise ValueError(f"code lengths differ: query {q.shape[1]} bits, database {d.shape[1]} bits")
+    q, d = _code_pair(query, database)
     return distances(q, d.to(q.device)).to(torch.int64)
 
 
