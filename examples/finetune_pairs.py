@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
-import numpy as np
 import torch
 
 import dmmh
+from dmmh._io import atomic_write
 from dmmh.data.pairs import PairsDataModule, load_image
-from dmmh.extract import write_npz
-from dmmh.hashing.packing import pack_bits
-from dmmh.hashing.search import hamming_knn
+from dmmh.hashing import HammingIndex
 
 MODES = ("pair", "image", "caption")
 # every view of an item (image + caption, image, caption) is pulled to its class's hash centre
@@ -58,34 +56,32 @@ def fine_tune(data: PairsDataModule, module: dmmh.DMMHModule, epochs: int = 100)
 
 @torch.no_grad()
 def build_index(data: PairsDataModule, module: dmmh.DMMHModule, out: str | os.PathLike) -> Path:
-    """Encode the database from image + caption, write packed codes and item info to ``out/index.npz``."""
+    """Encode the database from image + caption into ``out/index.dmmh`` (a :class:`HammingIndex`, ids =
+    database positions) and write the items' paths and captions to ``out/items.json``."""
     loader = data.predict_dataloader()[1]  # the database, in order
     codes = torch.cat([module.encode(b["image"].to(module.device), b["text"].to(module.device)).cpu() for b in loader])
     rows = data.splits["database"]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "index.npz"
-    write_npz(path, {"codes": pack_bits(codes).numpy(), "n_bits": np.array(codes.shape[1]),
-                     "paths": np.array([data.table.paths[r] for r in rows]),
-                     "captions": np.array([data.table.captions[r] for r in rows])})
-    return path
+    items = [{"path": data.table.paths[r], "caption": data.table.captions[r]} for r in rows]
+    atomic_write(out / "items.json", json.dumps(items, indent=1).encode())
+    return HammingIndex(codes.shape[1]).add(codes).save(out / "index.dmmh")
 
 
-def load_index(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def load_index(path: str | os.PathLike) -> tuple[HammingIndex, list[dict[str, str]]]:
+    """The index written by :func:`build_index` and its items (``items.json`` beside it)."""
+    path = Path(path)
+    return HammingIndex.load(path), json.loads((path.parent / "items.json").read_text())
 
 
 @torch.no_grad()
-def query(module: dmmh.DMMHModule, data: PairsDataModule, index: Mapping[str, np.ndarray], images=None,
+def query(module: dmmh.DMMHModule, data: PairsDataModule, index: tuple[HammingIndex, list[dict[str, str]]], images=None,
           captions: list[str] | None = None, k: int = 5) -> list[list[dict[str, Any]]]:
     """Top-``k`` database items for each query: PIL images and/or captions (either may be ``None``)."""
     image = torch.stack([data.transform(im) for im in images]).to(module.device) if images is not None else None
     text = data.tokenizer(captions).to(module.device) if captions is not None else None
-    packed = pack_bits(module.encode(image, text).cpu())
-    dist, ids = hamming_knn(packed, torch.from_numpy(index["codes"]), k)
-    return [[{"rank": r + 1, "distance": int(d), "id": int(i), "path": str(index["paths"][i]),
-              "caption": str(index["captions"][i])} for r, (d, i) in enumerate(zip(drow, irow))]
+    codes, items = index
+    dist, ids = codes.search(module.encode(image, text).cpu(), k)
+    return [[{"rank": r + 1, "distance": int(d), "id": int(i), **items[i]} for r, (d, i) in enumerate(zip(drow, irow))]
             for drow, irow in zip(dist.tolist(), ids.tolist())]
 
 

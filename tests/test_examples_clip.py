@@ -6,7 +6,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -38,7 +37,9 @@ def test_finetune_pairs_finds_every_item_by_pair_image_and_caption(tmp_path, one
     out = fp.run(str(tmp_path), str(tmp_path / "run"), TINY_NAME, None, TINY_CLIP, epochs=300, n_bits=16, dim=16,
                  lr=1e-2, modality_dropout=0.6, seed=0, tags_column=None, cache_dir=str(tmp_path / ".hf"))
     index = fp.load_index(out["index"])
-    assert Path(out["index"]).is_file() and index["codes"].shape == (8, 2) and index["codes"].dtype == np.uint8
+    codes, items = index
+    assert Path(out["index"]).is_file() and len(items) == 8
+    assert codes.codes.shape == (8, 2) and codes.codes.dtype == torch.uint8  # 16 bits packed in 2 bytes
     for mode in fp.MODES:
         hits = out["results"][mode]
         assert len(hits) == 8
