@@ -105,6 +105,15 @@ def test_builtins_registered_on_import():
     assert "synthetic" in dmmh.list_datamodules()
 
 
+def fake_distribution(folder, monkeypatch, name: str, entry_points: str) -> None:
+    """An installed-looking distribution ``name`` with ``entry_points.txt`` on sys.path."""
+    dist = folder / f"{name}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(folder))
+
+
 def test_entry_point_plugins(tmp_path, monkeypatch):
     """A third-party distribution adds a hash head through the ``dmmh.hash_heads`` group."""
     pkg = tmp_path / "dmmh_plugin_demo.py"
@@ -118,11 +127,7 @@ def test_entry_point_plugins(tmp_path, monkeypatch):
                 return torch.nn.functional.softsign(z)
         """
     ))
-    dist = tmp_path / "dmmh_plugin_demo-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dmmh-plugin-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[dmmh.hash_heads]\nsoftsign = dmmh_plugin_demo:SoftSignHead\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_distribution(tmp_path, monkeypatch, "dmmh_plugin_demo", "[dmmh.hash_heads]\nsoftsign = dmmh_plugin_demo:SoftSignHead\n")
     reg = Registry("hash head", "dmmh.hash_heads")
     assert reg.list() == ["softsign"]
     head = reg.create("softsign", in_dim=8, n_bits=8)
@@ -131,11 +136,7 @@ def test_entry_point_plugins(tmp_path, monkeypatch):
 
 
 def test_broken_plugin_warns_but_does_not_break(tmp_path, monkeypatch):
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[dmmh.test_broken]\nbad = no_such_module_xyz:Thing\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_distribution(tmp_path, monkeypatch, "broken_plugin", "[dmmh.test_broken]\nbad = no_such_module_xyz:Thing\n")
     reg = Registry("widget", "dmmh.test_broken")
     with pytest.warns(UserWarning, match="could not load"):
         assert reg.list() == []
