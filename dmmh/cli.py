@@ -1,24 +1,26 @@
-"""The ``dmmh`` command: LightningCLI's ``fit|validate|test|predict`` plus dmmh's own tools.
+"""The ``dmmh`` command: LightningCLI's ``fit|validate|test|predict`` plus dmmh's own subcommands.
 
 ``dmmh fit -c configs/mirflickr/dmmh_64.yaml --data.root PATH`` trains; the data module's
-feature widths and class count are linked into the model's arguments. Extra subcommands are
-listed in :data:`COMMANDS` as ``name → "module:function"`` and imported only when used; each
-function takes the remaining argv list.
+feature widths and class count are linked into the model's arguments. dmmh's own subcommands
+live in :mod:`dmmh.commands` (one module each, imported only when used).
 """
 
 from __future__ import annotations
 
-import importlib
+import difflib
 import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from dmmh.commands import COMMANDS, run
 from dmmh.data.base import FeatureDataModule
 from dmmh.models.lit import DMMHModule
 
-COMMANDS: dict[str, str] = {
-    "extract": "dmmh.extract:main",
-    "report": "dmmh.metrics.report:main",
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a model (LightningCLI; -c CONFIG, --data.root PATH, --trainer.*, --model.*)",
+    "validate": "evaluate on the validation data",
+    "test": "evaluate on the test data (queries against the database)",
+    "predict": "encode the query and database splits",
 }
 
 
@@ -43,12 +45,30 @@ def cli(args: list[str] | None = None, run: bool = True) -> DMMHCLI:
     )
 
 
+def usage() -> str:
+    """The top-level help: every subcommand with one line."""
+    width = max(map(len, [*LIGHTNING_COMMANDS, *COMMANDS]))
+    lines = ["usage: dmmh <command> [options]    (dmmh <command> --help for a command's options)", "",
+             "training and evaluation (LightningCLI):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "dmmh's tools:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in COMMANDS:
-        module, func = COMMANDS[args[0]].split(":")
-        getattr(importlib.import_module(module), func)(args[1:])
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
         return
+    if args[0] in COMMANDS:
+        run(args[0], args[1:])
+        return
+    if not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
+        known = [*LIGHTNING_COMMANDS, *COMMANDS]
+        close = difflib.get_close_matches(args[0], known, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        sys.exit(f"dmmh: unknown command {args[0]!r}; {hint}commands: {', '.join(known)}")
     cli(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
 
 

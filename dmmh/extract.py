@@ -11,12 +11,11 @@ The output and the chunk folder record the backbone's fingerprint (architecture,
 transform and a hash of every weight) and the data's (image paths, sizes, captions, labels,
 splits); extraction refuses to mix features of another backbone or data set into either.
 
-Command line: ``dmmh extract --root IMAGES --out feats.npz --model ViT-B-32 --pretrained ckpt.pt``.
+Command line (:mod:`dmmh.commands.extract`): ``dmmh extract --root IMAGES --out feats.npz --model ViT-B-32 --pretrained ckpt.pt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ from dmmh._io import atomic_write
 from dmmh.data.pairs import PairsDataModule
 from dmmh.data.readers import SPLIT_KEYS
 
-__all__ = ["extract_features", "read_extraction_meta", "write_npz", "main", "FORMAT_VERSION"]
+__all__ = ["extract_features", "read_extraction_meta", "write_npz", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 META_KEY = "dmmh_extraction"  # npz entry / safetensors metadata key holding the JSON record
@@ -198,34 +197,3 @@ def _progress(enabled: bool, **kw):
     from tqdm.auto import tqdm  # a dependency of lightning
 
     return tqdm(unit="item", **kw)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``dmmh extract``: see the module docs and ``dmmh extract --help``."""
-    p = argparse.ArgumentParser(prog="dmmh extract", description="Extract CLIP features of image-caption pairs into "
-                                "the benchmark array format (resumable; refuses to mix backbones).")
-    p.add_argument("--root", required=True, help="folder of the images (and of metadata.jsonl / metadata.csv)")
-    p.add_argument("--metadata", help="CSV or JSONL with image, caption[, tags][, split]")
-    p.add_argument("--out", required=True, help="output .npz or .safetensors")
-    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture")
-    p.add_argument("--model-config", help="architecture JSON file (open_clip layout) registered as --model")
-    p.add_argument("--pretrained", help="local checkpoint path (open_clip tags need the hub)")
-    p.add_argument("--labels", default="auto", choices=("auto", "tags", "instance"))
-    p.add_argument("--tag-sep", default=",")
-    p.add_argument("--num-query", type=float, default=0, help="queries drawn when there is no split column")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=1024, help="items per cached chunk (the unit of resumption)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-normalize", action="store_true", help="keep un-normalised CLIP embeddings")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    from dmmh.encoders.clip import ClipBackbone
-
-    config = json.loads(Path(a.model_config).read_text()) if a.model_config else None
-    backbone = ClipBackbone(a.model, a.pretrained, config, normalize=not a.no_normalize)
-    data = PairsDataModule(a.root, a.metadata, labels=a.labels, tag_sep=a.tag_sep, num_query=a.num_query, seed=a.seed,
-                           on_bad_row=a.on_bad_row, transform=backbone.transform, tokenizer=backbone.tokenize)
-    path = extract_features(data, backbone, a.out, a.batch_size, a.chunk_size, a.device, progress=not a.no_progress)
-    print(f"wrote {path}")

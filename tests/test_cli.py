@@ -38,3 +38,30 @@ def test_cli_rejects_misspelt_component(tmp_path):
     )
     assert proc.returncode != 0
     assert "did you mean 'cnn_deep'" in proc.stderr
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    from dmmh.cli import LIGHTNING_COMMANDS, main
+    from dmmh.commands import COMMANDS
+
+    for argv in ([], ["--help"], ["-h"]):
+        main(argv)
+        out = capsys.readouterr().out
+        for name, text in {**LIGHTNING_COMMANDS, **COMMANDS}.items():
+            assert f"  {name} " in out and text in out
+
+
+def test_misspelt_subcommand_suggests_the_closest(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dmmh.cli", "extrct"], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "unknown command 'extrct'" in proc.stderr and "did you mean 'extract'" in proc.stderr
+    assert "report" in proc.stderr  # lists the commands
+
+
+def test_every_listed_command_has_a_main():
+    import importlib
+
+    from dmmh.commands import COMMANDS
+
+    for name in COMMANDS:
+        assert callable(importlib.import_module(f"dmmh.commands.{name}").main)

@@ -12,7 +12,8 @@ from test_pairs import TINY_CLIP, TINY_NAME, make_pairs_folder  # noqa: E402
 from dmmh.data.pairs import PairsDataModule  # noqa: E402
 from dmmh.data.readers import read_feature_file, validate_feature_file  # noqa: E402
 from dmmh.encoders.clip import ClipBackbone  # noqa: E402
-from dmmh.extract import extract_features, main, read_extraction_meta  # noqa: E402
+from dmmh.commands.extract import main  # noqa: E402
+from dmmh.extract import extract_features, read_extraction_meta  # noqa: E402
 
 
 def setup(tmp_path, seed=0, n=5):

@@ -1,22 +1,13 @@
-"""Evaluation reports: every retrieval metric as JSON and CSV, plus PNG plots (``dmmh report``).
+"""Evaluation reports: every retrieval metric as JSON and CSV, plus PNG plots.
 
-From saved codes::
-
-    dmmh report --codes run64.npz run128.npz --out reports/nus
-
-Each codes file (``.npz``, ``.pt`` dict or ``.safetensors``) holds ``query_codes``,
-``database_codes``, ``query_labels`` and ``database_labels``. From trained checkpoints::
-
-    dmmh report --ckpt a.ckpt b.ckpt --data synthetic --data-args '{"num_query": 64}' --out reports/x
-
-``--data`` is a registered DataModule name or a class path ``pkg.module.Class``. The report holds
-``metrics.json``, ``metrics.csv`` (``run, n_bits, metric, k, value``), ``pr_curve.png``,
-``precision_at_k.png`` and, with several runs, ``map_vs_bits.png``.
+:func:`evaluate` computes the metrics of one run's codes (a dict of :data:`CODE_KEYS`, e.g. from
+:func:`load_codes` or :func:`encode_checkpoint`); :func:`write_report` writes ``metrics.json``,
+``metrics.csv`` (``run, n_bits, metric, k, value``), ``pr_curve.png``, ``precision_at_k.png`` and,
+with several runs, ``map_vs_bits.png``. The command is ``dmmh report`` (:mod:`dmmh.commands.report`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import io
@@ -32,7 +23,7 @@ from dmmh._io import atomic_write
 from dmmh._optional import require
 from dmmh.metrics.functional import EMPTY_POLICIES, NORMALIZERS, retrieval_metrics
 
-__all__ = ["evaluate", "write_report", "load_codes", "encode_checkpoint", "main", "CODE_KEYS", "CURVE_KS"]
+__all__ = ["evaluate", "write_report", "load_codes", "encode_checkpoint", "CODE_KEYS", "CURVE_KS"]
 
 CODE_KEYS = ("query_codes", "database_codes", "query_labels", "database_labels")
 CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -132,15 +123,6 @@ def load_codes(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: torch.as_tensor(data[k]) for k in CODE_KEYS}
 
 
-def _datamodule(name: str, kwargs: dict):
-    from dmmh.registry import DATAMODULES
-
-    if "." not in name:
-        return DATAMODULES.create(name, **kwargs)
-    module, _, cls = name.rpartition(".")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
-
-
 @torch.no_grad()
 def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int = 4096) -> dict[str, Tensor]:
     """Codes and labels of the query and database splits of ``datamodule`` under a trained checkpoint."""
@@ -159,52 +141,3 @@ def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int = 409
         out[f"{split}_codes"] = torch.cat(parts)
         out[f"{split}_labels"] = torch.as_tensor(np.asarray(s.label))
     return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dmmh report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--codes", nargs="+", help="codes files (.npz/.pt/.safetensors) with keys " + ", ".join(CODE_KEYS))
-    src.add_argument("--ckpt", nargs="+", help="trained DMMHModule checkpoints (needs --data)")
-    p.add_argument("--data", help="DataModule name (see dmmh.list_datamodules()) or class path pkg.module.Class")
-    p.add_argument("--data-args", default="{}", help="JSON dict of DataModule keyword arguments")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--name", nargs="+", help="run names (default: file stems)")
-    p.add_argument("--map-k", nargs="+", default=["all", "1000", "50"], help="k of mAP@k ('all' = whole database)")
-    p.add_argument("--precision-k", nargs="+", type=int, default=list(CURVE_KS), help="k of precision@k / recall@k")
-    p.add_argument("--radius", type=int, default=2, help="Hamming radius of precision@radius")
-    p.add_argument("--empty", choices=EMPTY_POLICIES, default="zero", help="queries without relevant items")
-    p.add_argument("--normalizer", choices=NORMALIZERS, default="retrieved", help="denominator of AP@k")
-    p.add_argument("--no-plots", action="store_true", help="write JSON and CSV only")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict[str, Path]:
-    """``dmmh report``: evaluate codes files or checkpoints and write the report."""
-    p = _parser()
-    a = p.parse_args(argv)
-    sources = a.codes or a.ckpt
-    names = a.name or [Path(s).stem for s in sources]
-    if len(names) != len(sources) or len(set(names)) != len(names):
-        p.error(f"--name needs {len(sources)} distinct names, got {names}")
-    if a.ckpt:
-        if not a.data:
-            p.error("--ckpt needs --data (a DataModule name or class path)")
-        try:
-            data_args = json.loads(a.data_args)
-        except json.JSONDecodeError as exc:
-            p.error(f"--data-args is not valid JSON: {exc}")
-        dm = _datamodule(a.data, data_args)
-    try:
-        map_ks = [None if k == "all" else int(k) for k in a.map_k]
-    except ValueError:
-        p.error(f"--map-k takes integers or 'all', got {a.map_k}")
-    options = dict(map_ks=map_ks, precision_ks=a.precision_k, radius=a.radius, empty=a.empty, normalizer=a.normalizer)
-    runs = {}
-    for name, src in zip(names, sources):
-        codes = load_codes(src) if a.codes else encode_checkpoint(src, dm)
-        runs[name] = evaluate(codes, **options)
-        print(f"{name}: {runs[name]['n_bits']} bits, mAP@all {runs[name]['mAP']:.4f}")
-    written = write_report(runs, a.out, plots=not a.no_plots)
-    print("wrote " + ", ".join(str(path) for path in written.values()))
-    return written

@@ -1,0 +1,22 @@
+"""dmmh's own subcommands, beside LightningCLI's ``fit|validate|test|predict``.
+
+One module per subcommand, ``dmmh/commands/<name>.py``, each a thin shell over library functions
+with a ``main(argv: list[str])``. Only this package parses argv or prints; :data:`COMMANDS` lists
+them (name → one-line help) without importing them, so ``dmmh --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["COMMANDS", "run"]
+
+COMMANDS: dict[str, str] = {
+    "extract": "open_clip features of image-caption pairs into a benchmark feature file (resumable)",
+    "report": "mAP, precision@k, PR curve, precision within a radius, from codes or checkpoints -> JSON/CSV/PNG",
+}
+
+
+def run(name: str, argv: list[str]):
+    """Run subcommand ``name`` with the remaining arguments ``argv``."""
+    return importlib.import_module(f"dmmh.commands.{name}").main(argv)
