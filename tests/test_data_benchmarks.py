@@ -15,7 +15,7 @@ from dmmh.data import MSCOCO, NUSWIDE, MIRFlickr25K
 from dmmh.data.normalize import RowTransform, normalize_splits
 from dmmh.registry import DATAMODULES
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "dmmh" / "configs"
 MODULES = [(MIRFlickr25K, 24), (NUSWIDE, 21), (MSCOCO, 80)]
 
 
