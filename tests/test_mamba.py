@@ -84,7 +84,7 @@ def layer_by_hand(m: Mamba, x: torch.Tensor, suffix: str = "") -> torch.Tensor:
     return y.flip(1) if suffix else y
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpu"])
+@pytest.mark.parametrize("backend", ["ref", "cpu", "torch"])
 def test_layer_equals_hand_written_recurrence(backend):
     m = Mamba(12, d_state=5, d_conv=3, bidirectional=True, backend=backend)
     x = torch.randn(3, 7, 12)
@@ -121,13 +121,60 @@ def test_encoder_shapes_gradients_and_registry():
         MambaEncoder(10, backend="gpu")
 
 
-def test_encoder_backends_agree():
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_encoder_backends_agree_with_gradients(backend):
     torch.manual_seed(0)
-    a = MambaEncoder(6, dim=8, num_tokens=4, d_state=3, hidden=(), dropout=0.0, backend="ref")
-    b = MambaEncoder(6, dim=8, num_tokens=4, d_state=3, hidden=(), dropout=0.0, backend="cpu")
+    a = MambaEncoder(6, dim=40, num_tokens=9, d_state=3, hidden=(), dropout=0.0, bidirectional=True, backend="ref")
+    b = MambaEncoder(6, dim=40, num_tokens=9, d_state=3, hidden=(), dropout=0.0, bidirectional=True, backend=backend)
     b.load_state_dict(a.state_dict())
     x = torch.randn(5, 6)
-    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+    g = torch.randn(5, 9, 40)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-6)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5 * pa.grad.abs().max().item(), msg=name)
+
+
+def test_layer_feeds_the_kernels_channels_contiguous_views(monkeypatch):
+    """No transposed copies between the layer's Linear layers, its convolution and its scan."""
+    import dmmh.encoders.mamba as mm
+
+    seen = {}
+    real_scan, real_conv = mm.selective_scan_fn, mm.causal_conv1d_fn
+    monkeypatch.setattr(mm, "selective_scan_fn", lambda u, dt, A, B, C, D, **kw: seen.setdefault("scan", (u, dt, kw["z"])) and real_scan(u, dt, A, B, C, D, **kw))
+    monkeypatch.setattr(mm, "causal_conv1d_fn", lambda x, *a, **kw: seen.setdefault("conv", x) is not None and real_conv(x, *a, **kw))
+    Mamba(16, d_state=4)(torch.randn(2, 7, 16))
+    for t in (seen["conv"], *seen["scan"]):
+        assert t.shape[1:] == (32, 7) and t.stride(1) == 1, t.stride()
+
+
+def test_dmmh_model_encodes_large_batches_in_passes_with_the_same_results(monkeypatch):
+    """On the CPU the encoders take a batch in passes of ``rows_per_pass`` tokens: same outputs and gradients
+    (float64, where rounding is far below the tolerance: in float32 the BatchNorm's cancellation shows it)."""
+    torch.manual_seed(0)
+    model = dmmh.create_model(image_dim=12, text_dim=9, n_bits=8, encoder="mamba", dim=16,
+                              encoder_kwargs={"hidden": (16,), "dropout": 0.0}).double()
+    img, txt, g = torch.randn(23, 12).double(), torch.randn(23, 9).double(), torch.randn(23, 8).double()
+    results = []
+    for rows in (10**9, 3 * 8):  # one pass; passes of three items (the last one of two)
+        monkeypatch.setattr(type(model), "rows_per_pass", rows)
+        calls = []
+        hook = model.encoders["image"].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+        model.zero_grad()
+        out = model(img, txt)
+        (out * g).sum().backward()
+        hook.remove()
+        results.append((out, [p.grad.clone() for p in model.parameters()], calls, model.eval().encode(img, txt)))
+        model.train()
+    (o1, g1, c1, e1), (o2, g2, c2, e2) = results
+    assert c1 == [23] and c2 == [3] * 7 + [2]
+    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in g1)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * scale)
+    assert torch.equal(e1, e2) and not e1.requires_grad and e1.is_inference()
 
 
 def test_dmmh_model_with_mamba_encoder_trains_a_step():

@@ -1,6 +1,7 @@
 """Selective scan: every backend against the per-step loop and an independent numpy recurrence."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -8,9 +9,16 @@ import torch
 
 import dmmh.ops.selective_scan as ss
 from dmmh._optional import MissingDependencyError, available
-from dmmh.ops import selective_scan_fn, selective_scan_ref
+from dmmh.ops import _cpp, selective_scan_fn, selective_scan_ref
 
 RTOL = 1e-5
+FAST = ("cpu", "torch")  # the C++ kernel and the pure-PyTorch path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_inputs(rng):
+    """torch's generator seeded from the printed ``rng`` seed: fresh inputs every run, reproducible from the log."""
+    torch.manual_seed(int(rng.integers(2**63)))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,8 +74,36 @@ CASES = [
 ]
 
 
+def channels_last(t):
+    """The same values with contiguous channels, as the Mamba layer passes them (a transposed (b, l, d) tensor)."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
+
+
+def scan_and_grads(backend, ins, softplus=True, last=True, g_out=None):
+    """Output, last state and the gradients of every present input under a random cotangent."""
+    present = {k: v for k, v in ins.items() if v is not None}
+    res = selective_scan_fn(**ins, delta_softplus=softplus, return_last_state=last, backend=backend)
+    out, state = res if last else (res, None)
+    g_out = torch.randn(out.shape, dtype=out.dtype) if g_out is None else g_out
+    loss = (out * g_out).sum() + ((state * state).sum() if last else 0)
+    return out, state, dict(zip(present, torch.autograd.grad(loss, list(present.values()))))
+
+
+def assert_same(got, want, rtol=RTOL, what=""):
+    (o, s, g), (o_ref, s_ref, g_ref) = got, want
+    assert o.shape == o_ref.shape and o.dtype == o_ref.dtype
+    assert rel_err(o, o_ref) <= rtol, f"{what} output: {rel_err(o, o_ref):.2e}"
+    if s_ref is not None:
+        assert s.shape == s_ref.shape and rel_err(s, s_ref) <= rtol, f"{what} last state"
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert g[name].shape == g_ref[name].shape and g[name].dtype == g_ref[name].dtype, f"{what} gradient of {name}"
+        assert rel_err(g[name], g_ref[name]) <= rtol, f"{what} gradient of {name}: relative error {rel_err(g[name], g_ref[name]):.2e}"
+
+
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("bc,use_D,use_z,use_bias,softplus,last", CASES)
-def test_fast_path_equals_reference_forward_and_gradients(bc, use_D, use_z, use_bias, softplus, last):
+def test_fast_path_equals_reference_forward_and_gradients(backend, bc, use_D, use_z, use_bias, softplus, last):
     ins = make(b=3, d=8, l=9, n=4, bc=bc)
     if not use_D:
         ins["D"] = None
@@ -75,48 +111,124 @@ def test_fast_path_equals_reference_forward_and_gradients(bc, use_D, use_z, use_
         ins["z"] = None
     if not use_bias:
         ins["delta_bias"] = None
-    present = {k: v for k, v in ins.items() if v is not None}
     g_out = torch.randn(3, 8, 9)  # a random cotangent: every output element matters
-    results = []
-    for backend in ("ref", "cpu"):
-        res = selective_scan_fn(**ins, delta_softplus=softplus, return_last_state=last, backend=backend)
-        out, state = res if last else (res, None)
-        loss = (out * g_out).sum() + ((state * state).sum() if last else 0)
-        results.append((out, state, torch.autograd.grad(loss, list(present.values()))))
-    (o_ref, s_ref, g_ref), (o_cpu, s_cpu, g_cpu) = results
-    assert o_cpu.shape == o_ref.shape == ins["u"].shape and o_cpu.dtype == torch.float32
-    assert rel_err(o_cpu, o_ref) <= RTOL
-    if last:
-        assert s_cpu.shape == (3, 8, 4) and rel_err(s_cpu, s_ref) <= RTOL
-    for name, a, b in zip(present, g_cpu, g_ref):
-        assert a.shape == present[name].shape, name
-        assert rel_err(a, b) <= RTOL, f"gradient of {name}: relative error {rel_err(a, b):.2e}"
+    want = scan_and_grads("ref", ins, softplus, last, g_out)
+    assert_same(scan_and_grads(backend, ins, softplus, last, g_out), want, what=backend)
 
 
-def test_fast_path_gradcheck_float64():
-    ins = make(b=2, d=4, l=4, n=2, bc="grouped", dtype=torch.float64)
-    fn = lambda *xs: ss.selective_scan_cpu(*xs, delta_softplus=True, return_last_state=True)  # noqa: E731
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("b,d,l,n,bc,groups", [
+    (2, 40, 70, 5, "shared", 1),      # two 16-channel blocks and a partial one; two 64-step chunks in the backward
+    (1, 20, 130, 16, "grouped", 2),   # groups of 10 channels (partial blocks); three chunks
+    (3, 33, 64, 3, "constant", 1),    # exactly one chunk
+    (2, 24, 65, 4, "grouped", 3),     # one step past a chunk
+])
+def test_fast_paths_across_blocks_and_chunks(backend, b, d, l, n, bc, groups):
+    ins = make(b=b, d=d, l=l, n=n, bc=bc, groups=groups)
+    g_out = torch.randn(b, d, l)
+    assert_same(scan_and_grads(backend, ins, g_out=g_out), scan_and_grads("ref", ins, g_out=g_out), what=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_layer_layout_inputs(backend):
+    """What the Mamba layer passes: channels-contiguous u/delta/z and strided (b, n, l) views of one (b, l, r + 2n) tensor."""
+    b, d, l, n = 3, 20, 11, 4
+    ins = make(b=b, d=d, l=l, n=n, requires_grad=False)
+    proj = torch.randn(b, l, 2 + 2 * n)
+    ins.update(u=channels_last(ins["u"]), delta=channels_last(ins["delta"]), z=channels_last(ins["z"]),
+               B=proj[..., 2 : 2 + n].transpose(1, 2), C=proj[..., 2 + n :].transpose(1, 2))
+    assert ins["B"].stride() == (l * (2 + 2 * n), 1, 2 + 2 * n) and ins["u"].stride(1) == 1
+    for t in ins.values():
+        t.requires_grad_()
+    g_out = torch.randn(b, d, l)
+    assert_same(scan_and_grads(backend, ins, g_out=g_out), scan_and_grads("ref", ins, g_out=g_out), what=backend)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("bc", ["shared", "constant"])
+def test_fast_path_gradcheck_float64(backend, bc):
+    ins = make(b=2, d=4, l=4, n=2, bc=bc, dtype=torch.float64)
+    fn = lambda *xs: selective_scan_fn(*xs, delta_softplus=True, return_last_state=True, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, tuple(ins.values()))
+    grouped = make(b=2, d=4, l=70, n=2, bc="grouped", dtype=torch.float64)  # and across a saved state (64 steps)
+    assert torch.autograd.gradcheck(fn, tuple(grouped.values()), fast_mode=True)
 
 
-def test_fast_path_blocks_and_edge_lengths(monkeypatch):
-    """Several batch blocks (uneven last block), one step, one item: still the reference."""
-    monkeypatch.setattr(ss, "_BLOCK_ELEMENTS", 2 * 7 * 4 * 3)  # two items per block
+def test_torch_path_blocks_and_edge_lengths(monkeypatch):
+    """Several batch blocks (uneven last block), several chunks of steps, one step, one item: still the reference."""
+    monkeypatch.setattr(ss, "_BLOCK_ELEMENTS", 2 * 4 * 3)  # blocks of two items, chunks of four steps
     for b, l in ((5, 7), (1, 1), (3, 1), (1, 6)):
         ins = make(b=b, d=4, l=l, n=3)
-        outs = [selective_scan_fn(**ins, delta_softplus=True, return_last_state=True, backend=k) for k in ("ref", "cpu")]
-        assert rel_err(outs[1][0], outs[0][0]) <= RTOL and rel_err(outs[1][1], outs[0][1]) <= RTOL
-        grads = [torch.autograd.grad(o.sum() + s.sum(), list(ins.values())) for o, s in outs]
-        for a, r in zip(*grads):
-            assert rel_err(a, r) <= RTOL
+        g_out = torch.randn(b, 4, l)
+        assert_same(scan_and_grads("torch", ins, g_out=g_out), scan_and_grads("ref", ins, g_out=g_out), what=f"{(b, l)}")
 
 
-def test_half_precision_inputs_keep_their_dtype():
+@pytest.mark.parametrize("backend", FAST)
+def test_edge_shapes(backend):
+    """One item, one step, one channel, one state, no steps at all."""
+    for b, d, l, n in ((1, 1, 1, 1), (1, 17, 1, 2), (2, 3, 0, 2), (1, 1, 5, 1)):
+        ins = make(b=b, d=d, l=l, n=n, groups=1)
+        g_out = torch.randn(b, d, l)
+        got = scan_and_grads(backend, ins, g_out=g_out)
+        if l == 0:  # the reference cannot stack zero steps' gradients; the answer is known
+            assert got[0].shape == (b, d, 0) and torch.equal(got[1], torch.zeros(b, d, n))
+            continue
+        assert_same(got, scan_and_grads("ref", ins, g_out=g_out), what=f"{backend} {(b, d, l, n)}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_extreme_values(backend):
+    """Softplus past its threshold (|delta| > 20), saturated gates, decays that underflow to 0; NaN propagates."""
+    ins = make(b=2, d=20, l=12, n=4, requires_grad=False)
+    ins["delta"] = ins["delta"] * 60  # softplus(x) = x past 20, ~e^x far below
+    ins["z"] = ins["z"] * 40
+    ins["A"] = ins["A"] * 50  # exp(dt A) down to 0
+    for t in ins.values():
+        t.requires_grad_()
+    g_out = torch.randn(2, 20, 12)
+    assert_same(scan_and_grads(backend, ins, g_out=g_out), scan_and_grads("ref", ins, g_out=g_out), what=backend)
+    with torch.no_grad():
+        u = ins["u"].detach().clone()
+        u[1, 3, 5] = float("nan")
+        out = selective_scan_fn(**{**ins, "u": u}, delta_softplus=True, backend=backend)
+    assert torch.isnan(out[1, 3, 5:]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 3, :5]).all()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_half_precision_inputs_keep_their_dtype(backend):
     ins = make(b=2, d=4, l=5, n=3, requires_grad=False)
     half = {k: v.to(torch.bfloat16) if k in ("u", "delta", "z", "B", "C") else v for k, v in ins.items()}
-    out = selective_scan_fn(**half, delta_softplus=True, backend="cpu")
+    out = selective_scan_fn(**half, delta_softplus=True, backend=backend)
     ref = selective_scan_fn(**half, delta_softplus=True, backend="ref")
-    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    for t in half.values():
+        t.requires_grad_()
+    out, _, grads = scan_and_grads(backend, half, last=False)
+    assert all(grads[k].dtype == half[k].dtype for k in grads)
+
+
+def test_cpu_kernel_without_gradients_equals_its_training_forward():
+    """The no-grad path (no saved states) and the autograd path run the same arithmetic."""
+    ins = make(b=2, d=24, l=150, n=5)
+    with_grad = selective_scan_fn(**ins, delta_softplus=True, return_last_state=True, backend="cpu")
+    with torch.inference_mode():
+        without = selective_scan_fn(**ins, delta_softplus=True, return_last_state=True, backend="cpu")
+    assert torch.equal(with_grad[0], without[0]) and torch.equal(with_grad[1], without[1])
+
+
+def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
+    ins = make(b=8, d=64, l=70, n=16)
+    g_out = torch.randn(8, 64, 70)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(scan_and_grads("cpu", ins, g_out=g_out))
+    finally:
+        torch.set_num_threads(before)
+    (o1, s1, g1), (o2, s2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(s1, s2) and all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
 def test_shape_errors_name_the_argument():
@@ -131,7 +243,7 @@ def test_shape_errors_name_the_argument():
         selective_scan_fn(**ins, backend="gpu")
 
 
-def test_auto_uses_the_fast_path_on_cpu_and_cuda_backend_needs_mamba_ssm():
+def test_auto_uses_the_cpu_kernel_on_cpu_and_cuda_backend_needs_mamba_ssm():
     ins = make(requires_grad=False)
     assert ss.resolve_backend("auto", ins["u"]) == "cpu"
     if available("selective_scan_cuda"):
@@ -148,7 +260,46 @@ def test_auto_falls_back_for_dtypes_the_cuda_kernel_rejects(monkeypatch):
 
     monkeypatch.setattr(ss, "_cuda_kernel_available", lambda: True)
     assert ss.resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float32)) == "cuda"
-    assert ss.resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float64)) == "cpu"
+    assert ss.resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype=torch.float64)) == "torch"
+
+
+def test_without_a_compiler_auto_falls_back_with_a_warning_and_cpu_says_why(monkeypatch):
+    broken = (None, _cpp.KernelUnavailable("dmmh's C++ kernels are unavailable: no compiler"))
+    monkeypatch.setattr(_cpp, "_load", lambda: broken)
+    _cpp.available.cache_clear()
+    try:
+        ins = make(requires_grad=False)
+        with pytest.warns(RuntimeWarning, match="no compiler.*slower pure-PyTorch"):
+            assert ss.resolve_backend("auto", ins["u"]) == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process
+            out = selective_scan_fn(**ins, delta_softplus=True)
+        assert rel_err(out, selective_scan_ref(**ins, delta_softplus=True)) <= RTOL
+        with pytest.raises(_cpp.KernelUnavailable, match="no compiler"):
+            selective_scan_fn(**ins, backend="cpu")
+    finally:
+        _cpp.available.cache_clear()
+
+
+def test_kernel_build_is_cached_per_source_flags_and_cpu(tmp_path):
+    """A second process loads the cached build (no 'building' message); another source means another build."""
+    import subprocess
+    import sys
+
+    code = "import logging, torch; logging.basicConfig(); from dmmh.ops import _cpp; _cpp.load(); print(torch.ops.dmmh.selective_scan_fwd)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "building" not in run.stderr and "dmmh.selective_scan_fwd" in run.stdout
+    flags = _cpp._flags()
+    assert _cpp._name(flags) != _cpp._name(flags + ["-DOTHER"]) and _cpp._name(flags).startswith("dmmh_cpu_")
+
+
+def test_cpu_backend_rejects_other_devices_and_bad_layouts():
+    ins = make(requires_grad=False)
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        ss.resolve_backend("cpu", torch.empty(2, 3, 4, device="meta"))
+    with pytest.raises(RuntimeError, match="contiguous channels"):  # the kernel checks what the wrapper guarantees
+        _cpp.load().selective_scan_fwd(ins["u"], ins["delta"], ins["A"], ins["B"][:, None], ins["C"][:, None],
+                                       None, None, None, True, False, False)
 
 
 def test_import_dmmh_does_not_import_mamba_ssm():
@@ -170,7 +321,7 @@ def test_cuda_path_equals_mamba_ssm_kernel_and_reference(bc):
     for name, fn in {
         "dmmh_cuda": lambda **kw: selective_scan_fn(**kw, backend="cuda"),
         "mamba": lambda **kw: mamba_fn(**kw),
-        "dmmh_cpu_path": lambda **kw: selective_scan_fn(**kw, backend="cpu"),
+        "dmmh_torch_path": lambda **kw: selective_scan_fn(**kw, backend="torch"),
         "ref": lambda **kw: selective_scan_fn(**kw, backend="ref"),
     }.items():
         out, last = fn(**ins, delta_softplus=True, return_last_state=True)
@@ -179,7 +330,7 @@ def test_cuda_path_equals_mamba_ssm_kernel_and_reference(bc):
     assert torch.equal(res["dmmh_cuda"][0], res["mamba"][0])  # the same kernel on the same inputs
     for a, r in zip(res["dmmh_cuda"][2], res["mamba"][2]):
         assert rel_err(a, r) <= 1e-6  # its backward may accumulate with atomics, in any order
-    for name in ("dmmh_cuda", "dmmh_cpu_path"):
+    for name in ("dmmh_cuda", "dmmh_torch_path"):
         out, last, grads = res[name]
         assert rel_err(out, res["ref"][0]) <= RTOL and rel_err(last, res["ref"][1]) <= RTOL
         for a, r in zip(grads, res["ref"][2]):

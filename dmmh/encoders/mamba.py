@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmmh.encoders.base import Encoder, TokenExpansion, mlp
+from dmmh.ops.causal_conv1d import causal_conv1d_fn
 from dmmh.ops.selective_scan import BACKENDS, selective_scan_fn
 from dmmh.registry import ENCODERS
 
@@ -55,7 +56,8 @@ class Mamba(nn.Module):
     Args mirror ``mamba_ssm.modules.mamba_simple.Mamba`` (``d_state=16, d_conv=4, expand=2,
     dt_rank="auto"`` = ``ceil(d_model / 16)``, ``dt_min, dt_max, dt_init, dt_scale, dt_init_floor,
     conv_bias, bias``), plus ``bidirectional`` (see the module docstring) and ``backend`` (the selective
-    scan backend: ``"auto" | "ref" | "cpu" | "cuda"``).
+    scan backend: ``"auto" | "ref" | "cpu" | "torch" | "cuda"``; the convolution uses the C++ kernel with
+    ``"auto"`` and ``"cpu"``, else ``F.conv1d``).
     """
 
     def __init__(
@@ -85,27 +87,40 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
 
     def _scan(self, suffix: str, x: Tensor, z: Tensor) -> Tensor:
+        """One direction: ``x, z (b, l, d_inner)`` → ``y (b, d_inner, l)``.
+
+        Activations stay in the ``(b, l, channels)`` layout the Linear layers produce; the convolution and
+        the scan take transposed views of them (channels contiguous), so no layer copies or transposes.
+        """
         conv, x_proj, dt_proj = (getattr(self, k + suffix) for k in ("conv1d", "x_proj", "dt_proj"))
-        seqlen = x.shape[-1]
-        x = F.silu(conv(x)[..., :seqlen])
-        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l); dt_proj's bias is added in the scan
-        A = -torch.exp((self.A_b_log if suffix else self.A_log).float())
+        u = causal_conv1d_fn(x.transpose(1, 2), conv.weight[:, 0], conv.bias, "silu", backend=self._conv_backend)
+        dt, B, C = torch.split(x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = dt @ dt_proj.weight.t()  # (b, l, d_inner); dt_proj's bias is added in the scan
+        A = -torch.exp(_fp32(self.A_b_log if suffix else self.A_log))
         return selective_scan_fn(
-            x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), getattr(self, "D" + suffix).float(),
-            z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+            u, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), _fp32(getattr(self, "D" + suffix)),
+            z=z.transpose(1, 2), delta_bias=_fp32(dt_proj.bias), delta_softplus=True, backend=self.backend,
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """``(batch, length, d_model)`` → same shape."""
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba: expected input (batch, length, {self.d_model}), got {tuple(hidden_states.shape)}")
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2 d_inner, l)
-        x, z = xz.chunk(2, dim=1)
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, l, d_inner) each
         y = self._scan("", x, z)
         if self.bidirectional:
-            y = 0.5 * (y + self._scan("_b", x.flip(-1), z.flip(-1)).flip(-1))
+            y = 0.5 * (y + self._scan("_b", x.flip(1), z.flip(1)).flip(-1))
         return self.out_proj(y.transpose(1, 2))
+
+    @property
+    def _conv_backend(self) -> str:
+        """The convolution's backend: the C++ kernel where the scan may use the C++ kernel, else the reference."""
+        return {"auto": "auto", "cpu": "cpu"}.get(self.backend, "ref")
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """The scan's parameters in float32 at least (as mamba-ssm keeps them), float64 left as it is."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 @ENCODERS.register("mamba")

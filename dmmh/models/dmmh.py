@@ -33,7 +33,15 @@ class DMMH(nn.Module):
         modality_dropout: in training, the probability that an item loses one of its two
             modalities (chosen at random), so that the model learns to encode items from one
             modality alone (an extension of the paper, whose queries carry both).
+
+    On the CPU the encoders take a large batch in passes of about :attr:`rows_per_pass` tokens: each
+    pass's activations (a few MiB) stay in cache, and matrix products of that height run at the
+    machine's full rate, where one pass over thousands of items runs at about 60 % of it. Items are
+    independent in the encoders, so this changes no result beyond float rounding.
     """
+
+    #: tokens (items x ``num_tokens``) per encoder pass on the CPU
+    rows_per_pass: int = 2048
 
     def __init__(
         self,
@@ -85,15 +93,23 @@ class DMMH(nn.Module):
         """Relaxed codes ``(B, n_bits)`` from whichever modalities are given."""
         inputs = {"image": image, "text": text}
         check_same_batch(inputs)
-        tokens = {m: self.encoders[m](x) for m, x in inputs.items() if x is not None}
+        tokens = {m: self._tokens(m, x) for m, x in inputs.items() if x is not None}
         if self.training and self.modality_dropout > 0 and len(tokens) == 2:
             tokens = self._drop_modalities(tokens)
         return self.head(self.fusion(list(tokens.values())))
 
-    @torch.no_grad()
     def encode(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
-        """±1 retrieval codes ``(B, n_bits)`` (call ``.eval()`` first for deterministic codes)."""
-        return self.head.binarize(self(image, text))
+        """±1 retrieval codes ``(B, n_bits)``, computed under ``torch.inference_mode`` (call ``.eval()``
+        first for deterministic codes)."""
+        with torch.inference_mode():
+            return self.head.binarize(self(image, text))
+
+    def _tokens(self, modality: str, x: Tensor) -> Tensor:
+        encoder = self.encoders[modality]
+        step = max(1, self.rows_per_pass // self.num_tokens)
+        if x.device.type != "cpu" or x.shape[0] <= step:
+            return encoder(x)
+        return torch.cat([encoder(part) for part in x.split(step)])
 
     def _drop_modalities(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         first = next(iter(tokens.values()))

@@ -79,9 +79,9 @@ class DMMHModule(L.LightningModule):
     def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
         return self.model(image, text)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
-        """±1 codes; the module is put in eval mode for the call and restored after."""
+        """±1 codes (under ``torch.inference_mode``); the module is put in eval mode for the call and restored after."""
         was_training = self.training
         self.eval()
         try:

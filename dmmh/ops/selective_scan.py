@@ -1,4 +1,4 @@
-"""Selective scan (Mamba's S6 recurrence): a reference loop, a fast pure-PyTorch path, mamba-ssm's CUDA kernel.
+"""Selective scan (Mamba's S6 recurrence): a reference loop, a C++ CPU kernel, a pure-PyTorch path, mamba-ssm's CUDA kernel.
 
 Every path takes mamba-ssm's ``selective_scan_fn`` signature and semantics::
 
@@ -12,11 +12,20 @@ channels) or ``(b, g, n, l)`` (one per channel group); ``D, delta_bias: (d,)``. 
 and, with ``return_last_state``, ``x_{l-1} (b, d, n)``. Computation runs in float32 (float64 for float64
 inputs); the output has ``u``'s dtype.
 
-Backends (``backend=``): ``"ref"`` the per-step loop (the oracle of the tests); ``"cpu"`` a custom
-autograd function with a hand-written backward that works on batch blocks small enough to stay in
-cache and recomputes the states in the backward pass instead of storing them (pure PyTorch: runs on
-any device); ``"cuda"`` mamba-ssm's compiled kernel (``selective_scan_cuda``, imported lazily);
-``"auto"`` the CUDA kernel for CUDA tensors when it imports, else ``"cpu"``.
+Backends (``backend=``):
+
+- ``"ref"``: the per-step loop, the oracle of the tests (autograd gives its gradients).
+- ``"cpu"``: a C++ kernel (``mamba_cpu.cpp``, built once per machine, see
+  :mod:`dmmh.ops._cpp`): one pass over time per channel block with the state in registers,
+  fused softplus, ``D`` and ``silu(z)``, one parallel region per call. Without gradients it keeps one
+  state per channel (memory ``O(b d n)``); for training it saves a state every 64 steps and its
+  backward recomputes each 64-step chunk from it. CPU tensors only.
+- ``"torch"``: pure PyTorch on any device, in large time-major blocks: its forward carries the state
+  across chunks of a few steps (memory ``O(b d n)`` per block), its hand-written backward recomputes
+  a batch block's states instead of storing them.
+- ``"cuda"``: mamba-ssm's compiled kernel (``selective_scan_cuda``, imported lazily).
+- ``"auto"``: ``"cuda"`` for CUDA tensors when mamba-ssm imports, ``"cpu"`` for CPU tensors when the
+  kernel builds, else ``"torch"`` (with a warning once when the CPU kernel cannot be built).
 """
 
 from __future__ import annotations
@@ -28,14 +37,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dmmh._optional import available, require
+from dmmh.ops import _cpp
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "selective_scan_cpu", "selective_scan_cuda", "resolve_backend", "BACKENDS"]
+__all__ = [
+    "selective_scan_fn", "selective_scan_ref", "selective_scan_cpu", "selective_scan_torch", "selective_scan_cuda",
+    "resolve_backend", "BACKENDS",
+]
 
-BACKENDS = ("auto", "ref", "cpu", "cuda")
+BACKENDS = ("auto", "ref", "cpu", "torch", "cuda")
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what mamba-ssm's kernel accepts as input
 
-# Target size (elements) of one batch block's (l, b, d, n) state tensor in the fast path: a few MiB keeps
-# the block in cache while each per-step slice stays large enough for PyTorch's intra-op threads.
+# Target size (elements) of the torch path's working blocks: a few MiB keeps a block in cache while each
+# per-step slice stays large enough to be worth PyTorch's intra-op threads.
 _BLOCK_ELEMENTS = 1 << 20
 
 
@@ -46,7 +59,7 @@ def selective_scan_fn(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The selective scan on the chosen ``backend`` (see the module docstring)."""
     name = resolve_backend(backend, u)
-    impl = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "cuda": selective_scan_cuda}[name]
+    impl = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "torch": selective_scan_torch, "cuda": selective_scan_cuda}[name]
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -54,12 +67,18 @@ def resolve_backend(backend: str, u: Tensor) -> str:
     """The concrete backend ``"auto"`` stands for with input ``u``; checks explicit requests."""
     if backend not in BACKENDS:
         raise ValueError(f"selective scan backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":  # mamba-ssm's kernel takes fp32/fp16/bf16 only: float64 falls back to the pure-PyTorch path
-        return "cuda" if u.is_cuda and u.dtype in _CUDA_DTYPES and _cuda_kernel_available() else "cpu"
+    if backend == "auto":  # mamba-ssm's kernel takes fp32/fp16/bf16 only: float64 falls back
+        if u.is_cuda:
+            return "cuda" if u.dtype in _CUDA_DTYPES and _cuda_kernel_available() else "torch"
+        return "cpu" if u.device.type == "cpu" and _cpp.available() else "torch"
     if backend == "cuda":
         _cuda_kernel()  # raises MissingDependencyError naming the extra
         if not u.is_cuda:
             raise ValueError(f"selective scan backend 'cuda' needs CUDA tensors; u is on {u.device}")
+    if backend == "cpu":
+        if u.device.type != "cpu":
+            raise ValueError(f"selective scan backend 'cpu' needs CPU tensors; u is on {u.device} (use 'torch' or 'auto')")
+        _cpp.load()  # raises KernelUnavailable with the compiler's message
     return backend
 
 
@@ -102,10 +121,6 @@ def _check(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int]:
     return gb, gc
 
 
-def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype) -> Tensor:
     delta = delta.to(dtype)
     if delta_bias is not None:
@@ -142,7 +157,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     ``stack``: indexing ``[:, :, t]`` would allocate a full-size zero gradient per step (quadratic in ``l``).
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
-    dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    dtype = _cpp.compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     b, d, l = u.shape
     dt = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
     uf, Af = u.to(dtype), A.to(dtype)
@@ -163,7 +178,63 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, x) if return_last_state else out
 
 
-# -- fast path -----------------------------------------------------------------------------------
+# -- C++ kernel (mamba_cpu.cpp) -------------------------------------------------------------------
+
+
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias, dtype: torch.dtype) -> list[Tensor | None]:
+    """The kernel's operands: (b, d, l) tensors channels-contiguous, variable B/C as (b, G, n, l) with one G."""
+    Bk, Ck = (M.to(dtype).unsqueeze(1) if M.ndim == 3 else M.to(dtype) for M in (B, C))
+    if Bk.ndim == 4 and Ck.ndim == 4 and Bk.shape[1] != Ck.shape[1]:  # shared (G = 1) next to grouped
+        g = max(Bk.shape[1], Ck.shape[1])
+        Bk, Ck = Bk.expand(-1, g, -1, -1), Ck.expand(-1, g, -1, -1)
+    vec = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
+    return [_cpp.channels_last(u, dtype), _cpp.channels_last(delta, dtype), A.to(dtype), Bk, Ck, vec(D), _cpp.channels_last(z, dtype), vec(delta_bias)]
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """The C++ kernel's forward (saving a state every 64 steps) and backward (recomputing from them)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        originals = (u, delta, A, B, C, D, z, delta_bias)
+        dtype = _cpp.compute_dtype(*originals)
+        ins = _kernel_inputs(*originals, dtype)
+        out, last, ckpt = _cpp.load().selective_scan_fwd(*ins, delta_softplus, return_last_state, True)
+        ctx.save_for_backward(*ins, ckpt)
+        ctx.meta = (delta_softplus, dtype, [None if t is None else (t.dtype, t.ndim) for t in originals])
+        out = out.to(u.dtype)
+        return (out, last) if return_last_state else out
+
+    @staticmethod
+    def backward(ctx, dout, dlast=None):
+        *ins, ckpt = ctx.saved_tensors
+        delta_softplus, dtype, originals = ctx.meta
+        dlast = None if dlast is None else dlast.to(dtype).contiguous()
+        grads = _cpp.load().selective_scan_bwd(*ins, delta_softplus, _cpp.channels_last(dout, dtype), dlast, ckpt)
+        out = []
+        for g, spec in zip(grads, originals):  # u, delta, A, B, C, D, z, delta_bias
+            if spec is None:
+                out.append(None)
+                continue
+            g = g.sum(1) if spec[1] == 3 and g.ndim == 4 else g  # B or C shared by all channels
+            out.append(g.to(spec[0]))
+        return (*out, None, None)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The C++ kernel (CPU tensors; see the module docstring). Without gradients it stores no states at all."""
+    _check(u, delta, A, B, C, D, z, delta_bias)
+    resolve_backend("cpu", u)
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _SelectiveScanCPU.apply(*args, bool(delta_softplus), bool(return_last_state))
+    ins = _kernel_inputs(*args, _cpp.compute_dtype(*args))
+    out, last, _ = _cpp.load().selective_scan_fwd(*ins, bool(delta_softplus), bool(return_last_state), False)
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out
+
+
+# -- pure PyTorch --------------------------------------------------------------------------------
 # Internal layout is time-major: per-step slices are contiguous. The state of a batch block is
 # (l, bb, gs, hs, n) with gs * hs = d: gs = d when B or C is constant (one "group" per channel),
 # else the groups of the grouped B/C, else 1. B and C become (l|1, bb|1, gs, 1, n) to broadcast.
@@ -208,23 +279,26 @@ def _dot_h(X: Tensor, v: Tensor) -> Tensor:
 
 
 class _Workspace:
-    """Buffers reused by every batch block: large CPU allocations are fresh pages from the OS each time,
+    """Buffers reused by every block: large CPU allocations are fresh pages from the OS each time,
     and their page faults cost more than the arithmetic done in them."""
 
-    def __init__(self, count: int, block: int, l: int, d: int, n: int, like: Tensor):
-        self.flat = [torch.empty(l * block * d * n, dtype=like.dtype, device=like.device) for _ in range(count)]
-        self.shape = (l, d, n)
+    def __init__(self, count: int, elements: int, like: Tensor):
+        self.flat = [torch.empty(elements, dtype=like.dtype, device=like.device) for _ in range(count)]
 
-    def views(self, bb: int, gs: int) -> list[Tensor]:
-        l, d, n = self.shape
-        return [f[: l * bb * d * n].view(l, bb, gs, d // gs, n) for f in self.flat]
+    def views(self, *shape: int) -> list[Tensor]:
+        numel = 1
+        for s in shape:
+            numel *= s
+        return [f[:numel].view(shape) for f in self.flat]
 
 
-def _block_states(decay: Tensor, X: Tensor, dt: Tensor, du: Tensor, A: Tensor, Bx: Tensor) -> None:
-    """Fill ``decay = exp(dt A)`` and the states ``X`` (both ``(l, bb, gs, hs, n)``) of one batch block."""
+def _block_states(decay: Tensor, X: Tensor, dt: Tensor, du: Tensor, A: Tensor, Bx: Tensor, x0: Tensor | None = None) -> None:
+    """Fill ``decay = exp(dt A)`` and the states ``X`` (both ``(steps, bb, gs, hs, n)``) of one block, from state ``x0``."""
     l, bb, gs, hs, n = decay.shape
     torch.mul(dt.reshape(l, bb, gs, hs, 1), A.view(gs, hs, n), out=decay).exp_()
     torch.mul(du.reshape(l, bb, gs, hs, 1), Bx, out=X)
+    if x0 is not None:
+        X[0].addcmul_(decay[0], x0)
     for t in range(1, l):
         X[t].addcmul_(decay[t], X[t - 1])
 
@@ -234,16 +308,18 @@ def _blocks(b: int, per_item: int) -> tuple[int, list[slice]]:
     return size, [slice(i, min(i + size, b)) for i in range(0, b, size)]
 
 
-def _bx(M: Tensor, blk: slice) -> Tensor:
-    return M if M.shape[1] == 1 else M[:, blk]
+def _bx(M: Tensor, blk: slice, steps: slice | None = None) -> Tensor:
+    """The part of a time-major ``B``/``C`` for batch block ``blk`` (and ``steps``), broadcast dims kept."""
+    M = M if M.shape[1] == 1 else M[:, blk]
+    return M if steps is None or M.shape[0] == 1 else M[steps]
 
 
-class _SelectiveScanFast(torch.autograd.Function):
-    """Forward and hand-written backward on time-major batch blocks; states are recomputed in backward."""
+class _SelectiveScanTorch(torch.autograd.Function):
+    """Forward in (batch block x chunk of steps) pieces, carrying the state; the backward recomputes states per batch block."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, gs):
-        dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        dtype = _cpp.compute_dtype(u, delta, A, B, C, D, z, delta_bias)
         b, d, l = u.shape
         n = A.shape[1]
         pre = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias.to(dtype)[:, None]
@@ -253,14 +329,21 @@ class _SelectiveScanFast(torch.autograd.Function):
         Bx, Cx = _time_major(B, gs, d, dtype), _time_major(C, gs, d, dtype)
         y = torch.empty(l, b, d, dtype=dtype, device=u.device)
         last = torch.zeros(b, d, n, dtype=dtype, device=u.device) if return_last_state else None
-        size, blocks = _blocks(b, l * d * n)
-        work = _Workspace(2, size, l, d, n, dt)
+        size, blocks = _blocks(b, d * n)  # one step of a block: at most _BLOCK_ELEMENTS
+        steps = min(max(l, 1), max(1, 4 * _BLOCK_ELEMENTS // (size * d * n)))
+        work = _Workspace(2, steps * size * d * n, dt)
+        carry = torch.empty(size, gs, d // gs, n, dtype=dtype, device=u.device)
         for blk in blocks:
-            decay, X = work.views(blk.stop - blk.start, gs)
-            _block_states(decay, X, dt[:, blk], du[:, blk], Af, _bx(Bx, blk))
-            y[:, blk] = _dot_n(X, _bx(Cx, blk)).reshape(l, -1, d)
-            if last is not None and l > 0:
-                last[blk] = X[-1].reshape(-1, d, n)
+            bb = blk.stop - blk.start
+            x = None
+            for t0 in range(0, l, steps):
+                ts = slice(t0, min(t0 + steps, l))
+                decay, X = work.views(ts.stop - t0, bb, gs, d // gs, n)
+                _block_states(decay, X, dt[ts, blk], du[ts, blk], Af, _bx(Bx, blk, ts), x)
+                y[ts, blk] = _dot_n(X, _bx(Cx, blk, ts)).reshape(-1, bb, d)
+                x = carry[:bb].copy_(X[-1])  # the workspace is overwritten by the next chunk
+            if last is not None and x is not None:
+                last[blk] = x.reshape(bb, d, n)
         y = y.permute(1, 2, 0)  # (b, d, l)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y)
         ctx.meta = (delta_softplus, gs, dtype)
@@ -299,10 +382,10 @@ class _SelectiveScanFast(torch.autograd.Function):
         dCx = torch.zeros(Cx.shape[0], Cx.shape[1] if Cx.shape[1] == 1 else b, gs, n, dtype=dtype, device=u.device)
         hs = d // gs
         size, blocks = _blocks(b, l * d * n)
-        work = _Workspace(3, size, l, d, n, dt)
+        work = _Workspace(3, l * size * d * n, dt)
         for blk in blocks:
             bb = blk.stop - blk.start
-            decay, X, G = work.views(bb, gs)
+            decay, X, G = work.views(l, bb, gs, hs, n)
             dt_b, ut_b, dv_b = dt[:, blk], ut[:, blk], dvt[:, blk]
             dy5 = dyt[:, blk].reshape(l, bb, gs, hs)
             Bb, Cb = _bx(Bx, blk), _bx(Cx, blk)
@@ -348,11 +431,11 @@ def _accumulate(total: Tensor, blk: slice, part: Tensor) -> None:
         total[:, blk] += part
 
 
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """The fast pure-PyTorch selective scan with a hand-written backward (any device, named for its purpose)."""
+def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
+    """The pure-PyTorch selective scan with a hand-written backward (any device)."""
     gb, gc = _check(u, delta, A, B, C, D, z, delta_bias)
     gs = max(gb, gc)
-    return _SelectiveScanFast.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), gs)
+    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), gs)
 
 
 # -- mamba-ssm's CUDA kernel ---------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Build (once per machine and source version, cached on disk) and load dmmh's C++ CPU kernels.
+
+The source is ``mamba_cpu.cpp`` beside this file (the selective scan and the causal convolution of the
+Mamba layer). It is compiled with torch's own
+extension builder (``torch.utils.cpp_extension``: ninja and a C++ compiler, as for ``torch.compile``)
+into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that hashes the
+source, the flags, the torch version and the CPU, so a changed source or another machine builds
+afresh and a cached build loads in milliseconds. It registers ``torch.ops.dmmh.selective_scan_fwd``,
+``selective_scan_bwd``, ``causal_conv1d_fwd`` and ``causal_conv1d_bwd``. The first build takes about a
+minute; :func:`load` raises :class:`KernelUnavailable` with the compiler's message when it fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["KernelUnavailable", "load", "available", "channels_last", "compute_dtype", "SOURCE"]
+
+SOURCE = Path(__file__).with_name("mamba_cpu.cpp")
+log = logging.getLogger(__name__)
+
+
+class KernelUnavailable(RuntimeError):
+    """The C++ kernels could not be built or loaded on this machine."""
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for's threads (torch's own libgomp is already loaded)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += ["-march=native", "-mprefer-vector-width=512"]
+    elif platform.machine().lower() in ("aarch64", "arm64"):
+        flags += ["-mcpu=native"]
+    return flags
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = ("model name", "flags", "Features", "CPU implementer", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keep}))
+
+
+def _name(flags: list[str]) -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), torch.__version__.encode(), _cpu_identity().encode()):
+        digest.update(part)
+    return f"dmmh_cpu_{digest.hexdigest()[:16]}"
+
+
+def load():
+    """``torch.ops.dmmh`` (building the kernels first if needed), or :class:`KernelUnavailable`."""
+    ops, error = _load()
+    if error is not None:
+        raise error
+    return ops
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    """Tried once per process: ``(ops, None)`` or ``(None, KernelUnavailable)``."""
+    try:
+        from filelock import FileLock
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" notices
+        from torch.utils import cpp_extension
+
+        flags = _flags()
+        name = _name(flags)
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+        build = root / name
+        build.mkdir(parents=True, exist_ok=True)
+        library = build / f"{name}.so"
+        with FileLock(str(build / "lock")):  # the lock torch's builder holds while it compiles
+            ready = library.exists()
+        if ready:
+            torch.ops.load_library(str(library))
+        else:
+            log.warning("building dmmh's C++ kernels in %s (once per machine; about a minute)", build)
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               build_directory=str(build), is_python_module=False)
+        return torch.ops.dmmh, None
+    except Exception as exc:  # noqa: BLE001 - any failure (no compiler, no ninja, bad flags) means "not available"
+        error = KernelUnavailable(f"dmmh's C++ kernels are unavailable: {type(exc).__name__}: {str(exc)[-2000:]}")
+        error.__cause__ = exc
+        return None, error
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether :func:`load` succeeds (tried once per process); warns once, with the reason, when it does not."""
+    try:
+        load()
+    except KernelUnavailable as exc:
+        warnings.warn(f"{exc}; falling back to the slower pure-PyTorch paths", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def channels_last(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A ``(b, d, l)`` tensor in ``dtype`` with contiguous channels (stride 1 along ``d``), as the kernels
+    take it; no copy when it already is (a transposed view of a ``(b, l, d)`` activation is)."""
+    if t is None or (t.dtype == dtype and (t.stride(1) == 1 or t.shape[1] <= 1)):
+        return t
+    return torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=dtype, device=t.device).copy_(t.transpose(1, 2)).transpose(1, 2)
+
+
+def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half-precision inputs are computed in float32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,0 +1,759 @@
+// CPU kernels of the Mamba layer: the selective scan (S6 recurrence) and the causal depthwise convolution,
+// forward and backward.
+//
+// Selective scan: the semantics of dmmh.ops.selective_scan_ref (mamba-ssm's selective_scan_fn),
+//   dt  = softplus(delta + delta_bias)                      (bias, softplus optional)
+//   x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t,   y_t = <x_t, C_t> + D u_t,   out = y * silu(z)
+// Causal convolution: the semantics of dmmh.ops.causal_conv1d_ref (the causal-conv1d package's function),
+//   out_t = act(bias + sum_k w_k x_{t-K+1+k}),  x_{<0} = 0,  act = silu or identity
+//
+// Layout. Sequences (u, delta, z, x, out and their gradients) are (b, d, l) tensors whose channels are
+// contiguous (stride(1) == 1: memory (b, l, d), what a Linear layer produces), so a block of kLanes
+// channels is one vector and every loop over lanes compiles to SIMD code. B and C are either variable,
+// (b, G, n, l) with any strides (both share G, each group covering d / G channels), or constant, (d, n).
+//
+// Threads. Each call opens one parallel region (at::parallel_for) over large independent tasks: a
+// task owns whole rows (batch item x channel block, or x channel group in the scan's backward), keeps
+// its state in a small per-thread buffer and writes disjoint memory, so threads never share cache
+// lines in their inner loops. Calls too small to repay the region run on the calling thread.
+// Parameter gradients are summed per batch item and then over items, so results do not depend on the
+// number of threads.
+//
+// Memory. The scan's forward keeps one state per channel (O(b d n)); for the backward it can also save
+// the state every kChunk steps, and the backward recomputes each chunk's states from it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 64;            // steps between saved states (and per backward recomputation)
+constexpr int64_t kMinTaskWork = 1 << 18; // lane-steps per thread below which a call stays on one thread
+
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);  // channels per block: one 64-byte vector
+
+// Loops over the lanes of a block are SIMD loops (OpenMP simd: their iterations are independent), and
+// the functions they call are inlined into them.
+#define FOR_LANES(i) _Pragma("omp simd") for (int i = 0; i < W; ++i)
+#if defined(__GNUC__)
+#define LANE_FN inline __attribute__((always_inline))
+#else
+#define LANE_FN inline
+#endif
+
+// ---- elementwise functions written so that loops over lanes vectorise (no libm calls for float)
+
+LANE_FN float exp_lane(float x) {
+  // exp(x) = 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7
+  // (truncation < 2e-9 relative), computed as 2 * 2^(k-1) so that k - 1 >= -126 stays a normal float.
+  // Outside [-86.5, 88.72] the result is chosen at the end: 0 below (below 2.7e-38: flushed), inf above.
+  // NaN stays NaN (through r). No clamping first: it makes compilers predicate the whole polynomial.
+  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;
+  float p = 2.0f / 5040.0f;  // 2 e^r
+  p = p * r + 2.0f / 720.0f;
+  p = p * r + 2.0f / 120.0f;
+  p = p * r + 2.0f / 24.0f;
+  p = p * r + 2.0f / 6.0f;
+  p = p * r + 1.0f;
+  p = p * r + 2.0f;
+  p = p * r + 2.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 126) << 23;  // 2^(k-1)
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float e = x < -86.5f ? 0.0f : p * scale;
+  return x > 88.72283f ? std::numeric_limits<float>::infinity() : e;
+}
+
+LANE_FN double exp_lane(double x) { return std::exp(x); }
+
+LANE_FN float log1p_unit(float e) {
+  // log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3, odd series to s^15
+  const float s = e / (2.0f + e), s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+LANE_FN double log1p_unit(double e) { return std::log1p(e); }
+
+template <typename T>
+LANE_FN T softplus(T x) {  // log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
+  const T ax = x < T(0) ? -x : x;
+  return (x > T(0) ? x : T(0)) + log1p_unit(exp_lane(-ax));
+}
+
+template <typename T>
+LANE_FN T sigmoid(T x) {
+  return T(1) / (T(1) + exp_lane(-x));
+}
+
+// ---- views
+
+template <typename T>
+struct Seq {  // (b, d, l) with contiguous channels; p == nullptr when absent
+  T* p = nullptr;
+  int64_t sb = 0, sl = 0;
+  Seq() = default;
+  explicit Seq(const at::Tensor& t) : p(t.defined() ? t.data_ptr<std::remove_const_t<T>>() : nullptr) {
+    if (p) sb = t.stride(0), sl = t.stride(2);
+  }
+  T* at(int64_t b, int64_t c, int64_t t) const { return p + b * sb + t * sl + c; }
+};
+
+template <typename T>
+struct Mat {  // B or C: variable (b, G, n, l), or constant (d, n)
+  const T* p = nullptr;
+  bool variable = false;
+  int64_t sb = 0, sg = 0, sn = 0, sl = 0, sd = 0;
+  explicit Mat(const at::Tensor& t) : p(t.data_ptr<T>()), variable(t.dim() == 4) {
+    if (variable) sb = t.stride(0), sg = t.stride(1), sn = t.stride(2), sl = t.stride(3);
+    else sd = t.stride(0), sn = t.stride(1);
+  }
+};
+
+template <typename T>
+struct Problem {
+  int64_t b, d, l, n, groups;  // groups: of the variable B/C (1 if both are constant)
+  Seq<const T> u, delta, z;
+  const T* A;
+  int64_t sAd, sAn;
+  Mat<T> B, C;
+  const T *D, *bias;  // contiguous (d,) or nullptr
+  bool softplus;
+  int64_t group_size() const { return d / groups; }
+};
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                        const std::optional<at::Tensor>& bias, bool softplus) {
+  const auto st = u.scalar_type();
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == st && t.device().is_cpu(), "dmmh selective scan: ", name, " must be a CPU ",
+                st, " tensor, got ", t.scalar_type(), " on ", t.device());
+  };
+  TORCH_CHECK(u.dim() == 3, "dmmh selective scan: u must be (b, d, l)");
+  const int64_t b = u.size(0), d = u.size(1), l = u.size(2), n = A.size(1);
+  auto seq = [&](const at::Tensor& t, const char* name) {
+    same(t, name);
+    TORCH_CHECK(t.sizes() == u.sizes() && (t.stride(1) == 1 || d <= 1), "dmmh selective scan: ", name,
+                " must have u's shape with contiguous channels, got sizes ", t.sizes(), " strides ", t.strides());
+  };
+  seq(u, "u");
+  seq(delta, "delta");
+  same(A, "A");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == d, "dmmh selective scan: A must be (d, n)");
+  int64_t groups = 1;
+  for (const auto& [M, name] : {std::pair{&B, "B"}, std::pair{&C, "C"}}) {
+    same(*M, name);
+    if (M->dim() == 4) {
+      TORCH_CHECK(M->size(0) == b && M->size(1) >= 1 && d % M->size(1) == 0 && M->size(2) == n && M->size(3) == l,
+                  "dmmh selective scan: variable ", name, " must be (b, G, n, l)");
+      groups = M->size(1);
+    } else {
+      TORCH_CHECK(M->dim() == 2 && M->size(0) == d && M->size(1) == n, "dmmh selective scan: ", name, " must be (d, n)");
+    }
+  }
+  TORCH_CHECK(B.dim() != 4 || C.dim() != 4 || B.size(1) == C.size(1), "dmmh selective scan: B and C groups differ");
+  Problem<T> P{b, d, l, n, groups, Seq<const T>(u), Seq<const T>(delta), Seq<const T>(), A.data_ptr<T>(), A.stride(0),
+               A.stride(1), Mat<T>(B), Mat<T>(C), nullptr, nullptr, softplus};
+  if (z) {
+    seq(*z, "z");
+    P.z = Seq<const T>(*z);
+  }
+  for (const auto& [t, ptr, name] : {std::tuple{&D, &P.D, "D"}, std::tuple{&bias, &P.bias, "delta_bias"}}) {
+    if (*t) {
+      same(**t, name);
+      TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == d && (*t)->is_contiguous(), "dmmh selective scan: ", name,
+                  " must be contiguous (d,)");
+      *ptr = (*t)->template data_ptr<T>();
+    }
+  }
+  return P;
+}
+
+template <typename T>
+at::Tensor empty_seq(int64_t b, int64_t d, int64_t l, const at::Tensor& like) {  // (b, d, l), channels contiguous
+  return at::empty({b, l, d}, like.options()).transpose(1, 2);
+}
+
+// ---- one block of W channels: its constants, loads and stores
+
+template <typename T>
+struct Block {
+  static constexpr int W = kLanes<T>;
+  int64_t c0;  // first channel
+  int w;       // channels used (<= W); the other lanes compute on zeros and are never stored
+};
+
+template <typename T>
+inline void load(T* __restrict__ dst, const T* src, int w) {
+  constexpr int W = kLanes<T>;
+  if (w == W) {
+    FOR_LANES(i) dst[i] = src[i];
+  } else {
+    FOR_LANES(i) dst[i] = i < w ? src[i] : T(0);
+  }
+}
+
+template <typename T>
+inline void store(T* dst, const T* __restrict__ src, int w) {
+  for (int i = 0; i < w; ++i) dst[i] = src[i];
+}
+
+template <typename T>
+struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is A[c0 + i, k]
+  static constexpr int W = kLanes<T>;
+  std::vector<T> A, Bc, Cc;
+  T D[W], bias[W];
+  explicit Lanes(int64_t n) : A(n * W), Bc(n * W), Cc(n * W) {}
+  void fill(const Problem<T>& P, const Block<T>& blk) {
+    for (int64_t k = 0; k < P.n; ++k)
+      FOR_LANES(i) {
+        const bool on = i < blk.w;
+        const int64_t c = blk.c0 + i;
+        A[k * W + i] = on ? P.A[c * P.sAd + k * P.sAn] : T(0);
+        Bc[k * W + i] = on && !P.B.variable ? P.B.p[c * P.B.sd + k * P.B.sn] : T(0);
+        Cc[k * W + i] = on && !P.C.variable ? P.C.p[c * P.C.sd + k * P.C.sn] : T(0);
+      }
+    FOR_LANES(i) {
+      D[i] = P.D && i < blk.w ? P.D[blk.c0 + i] : T(0);
+      bias[i] = P.bias && i < blk.w ? P.bias[blk.c0 + i] : T(0);
+    }
+  }
+};
+
+// dt (and d dt / d pre when `grad`) of one step, from delta and the bias
+template <typename T>
+inline void step_dt(const Problem<T>& P, const Lanes<T>& L, const Block<T>& blk, int64_t b, int64_t t, T* __restrict__ dt,
+                    T* __restrict__ dsp) {
+  constexpr int W = kLanes<T>;
+  load(dt, P.delta.at(b, blk.c0, t), blk.w);
+  FOR_LANES(i) dt[i] += L.bias[i];
+  if (P.softplus) {
+    if (dsp)
+      FOR_LANES(i) dsp[i] = sigmoid(dt[i]);
+    FOR_LANES(i) dt[i] = softplus(dt[i]);
+  } else if (dsp) {
+    FOR_LANES(i) dsp[i] = T(1);
+  }
+}
+
+// One step of the recurrence for a block: x <- exp(dt A) x + dt u B;  returns <x, C> in y; the decays in `a` if given.
+template <typename T, bool VB, bool VC>
+inline void step_state(const Problem<T>& P, const Lanes<T>& L, const T* Bv, const T* Cv, int64_t t, const T* __restrict__ dt,
+                       const T* __restrict__ dtu, T* __restrict__ x, T* __restrict__ y, T* __restrict__ a) {
+  constexpr int W = kLanes<T>;
+  FOR_LANES(i) y[i] = T(0);
+  for (int64_t k = 0; k < P.n; ++k) {
+    const T bk = VB ? Bv[k * P.B.sn + t * P.B.sl] : T(0);
+    const T ck = VC ? Cv[k * P.C.sn + t * P.C.sl] : T(0);
+    const T* __restrict__ Ak = &L.A[k * W];
+    const T* __restrict__ Bk = &L.Bc[k * W];
+    const T* __restrict__ Ck = &L.Cc[k * W];
+    T* __restrict__ xk = x + k * W;
+    if (a) {
+      T* __restrict__ ak = a + k * W;
+      FOR_LANES(i) {
+        const T e = exp_lane(dt[i] * Ak[i]);
+        ak[i] = e;
+        xk[i] = e * xk[i] + dtu[i] * (VB ? bk : Bk[i]);
+        y[i] += xk[i] * (VC ? ck : Ck[i]);
+      }
+    } else {
+      FOR_LANES(i) {
+        xk[i] = exp_lane(dt[i] * Ak[i]) * xk[i] + dtu[i] * (VB ? bk : Bk[i]);
+        y[i] += xk[i] * (VC ? ck : Ck[i]);
+      }
+    }
+  }
+}
+
+template <typename T>
+const T* variable_ptr(const Mat<T>& M, const Problem<T>& P, int64_t b, int64_t c0) {
+  return M.variable ? M.p + b * M.sb + (c0 / P.group_size()) * M.sg : nullptr;
+}
+
+// ---- forward
+
+template <typename T, bool VB, bool VC>
+void forward_block(const Problem<T>& P, const Block<T>& blk, int64_t b, Lanes<T>& L, T* x, Seq<T> out, T* last,
+                   T* ckpt) {
+  constexpr int W = kLanes<T>;
+  const int64_t n = P.n, nck = (P.l + kChunk - 1) / kChunk;
+  L.fill(P, blk);
+  std::fill(x, x + n * W, T(0));
+  const T* Bv = variable_ptr(P.B, P, b, blk.c0);
+  const T* Cv = variable_ptr(P.C, P, b, blk.c0);
+  T dt[W], uu[W], dtu[W], y[W], zz[W];
+  for (int64_t t = 0; t < P.l; ++t) {
+    if (ckpt && t > 0 && t % kChunk == 0) {  // the state entering chunk t / kChunk
+      T* dst = ckpt + ((b * (nck - 1) + t / kChunk - 1) * P.d + blk.c0) * n;
+      for (int i = 0; i < blk.w; ++i)
+        for (int64_t k = 0; k < n; ++k) dst[i * n + k] = x[k * W + i];
+    }
+    step_dt(P, L, blk, b, t, dt, static_cast<T*>(nullptr));
+    load(uu, P.u.at(b, blk.c0, t), blk.w);
+    FOR_LANES(i) dtu[i] = dt[i] * uu[i];
+    step_state<T, VB, VC>(P, L, Bv, Cv, t, dt, dtu, x, y, static_cast<T*>(nullptr));
+    FOR_LANES(i) y[i] += L.D[i] * uu[i];
+    if (P.z.p) {
+      load(zz, P.z.at(b, blk.c0, t), blk.w);
+      FOR_LANES(i) y[i] *= zz[i] * sigmoid(zz[i]);
+    }
+    store(out.at(b, blk.c0, t), y, blk.w);
+  }
+  if (last)
+    for (int i = 0; i < blk.w; ++i)
+      for (int64_t k = 0; k < n; ++k) last[(b * P.d + blk.c0 + i) * n + k] = x[k * W + i];
+}
+
+// Blocks of one group: W channels each, the last one of a group possibly narrower.
+template <typename T>
+std::vector<Block<T>> group_blocks(int64_t c_begin, int64_t c_end) {
+  std::vector<Block<T>> out;
+  for (int64_t c = c_begin; c < c_end; c += kLanes<T>)
+    out.push_back({c, static_cast<int>(std::min<int64_t>(kLanes<T>, c_end - c))});
+  return out;
+}
+
+template <typename T>
+int64_t grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
+}
+
+template <typename T, bool VB, bool VC>
+void forward(const Problem<T>& P, Seq<T> out, T* last, T* ckpt) {
+  const int64_t hs = P.group_size();
+  const auto blocks = group_blocks<T>(0, hs);  // the same in every group
+  const int64_t nb = static_cast<int64_t>(blocks.size()), per_item = P.groups * nb;
+  at::parallel_for(0, P.b * per_item, grain<T>(P.l * P.n * kLanes<T>), [&](int64_t begin, int64_t end) {
+    Lanes<T> L(P.n);
+    std::vector<T> x(P.n * kLanes<T>);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / per_item, g = task % per_item / nb;
+      Block<T> blk = blocks[task % nb];
+      blk.c0 += g * hs;
+      forward_block<T, VB, VC>(P, blk, b, L, x.data(), out, last, ckpt);
+    }
+  });
+}
+
+template <typename T, template <typename, bool, bool> class F, typename... Args>
+void dispatch_bc(const Problem<T>& P, Args&&... args) {
+  if (P.B.variable && P.C.variable) F<T, true, true>::run(P, args...);
+  else if (P.B.variable) F<T, true, false>::run(P, args...);
+  else if (P.C.variable) F<T, false, true>::run(P, args...);
+  else F<T, false, false>::run(P, args...);
+}
+
+template <typename T, bool VB, bool VC>
+struct Forward {
+  static void run(const Problem<T>& P, Seq<T> out, T* last, T* ckpt) { forward<T, VB, VC>(P, out, last, ckpt); }
+};
+
+std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
+                                 bool softplus, bool want_last, bool want_ckpt) {
+  std::vector<at::Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "dmmh_selective_scan_fwd", [&] {
+    const auto P = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus);
+    const int64_t nck = (P.l + kChunk - 1) / kChunk;
+    at::Tensor out = empty_seq<scalar_t>(P.b, P.d, P.l, u);
+    at::Tensor last = at::empty({want_last ? P.b : 0, P.d, P.n}, u.options());
+    at::Tensor ckpt = at::empty({want_ckpt && nck > 1 ? P.b : 0, std::max<int64_t>(nck - 1, 0), P.d, P.n}, u.options());
+    if (want_last && P.l == 0) last.zero_();
+    dispatch_bc<scalar_t, Forward>(P, Seq<scalar_t>(out), want_last ? last.data_ptr<scalar_t>() : nullptr,
+                                   want_ckpt && nck > 1 ? ckpt.data_ptr<scalar_t>() : nullptr);
+    res = {out, last, ckpt};
+  });
+  return res;
+}
+
+// ---- backward
+
+template <typename T>
+struct Grads {
+  Seq<const T> dout;
+  const T* dlast;  // (b, d, n) contiguous or nullptr
+  const T* ckpt;   // (b, nck - 1, d, n) contiguous or nullptr
+  Seq<T> du, ddelta, dz;
+  T *dB, *dC;                // variable: (b, G, n, l) contiguous; constant: per item (b, d, n)
+  T *dA, *dD, *dbias;        // per item: (b, d, n), (b, d), (b, d)
+};
+
+// Work buffers of one task, W lanes wide: the per-chunk recomputation and the per-block accumulators.
+template <typename T>
+struct Work {
+  static constexpr int W = kLanes<T>;
+  int64_t n, nb;
+  std::vector<T> x, a, y, dt, dsp, accB, accC;  // chunk: states (kChunk + 1 steps), decays, y, dt, d softplus
+  std::vector<T> carry, dA, dBc, dCc, dD, dbias;  // per block: exp(dt A) g of the next step, accumulators
+  Work(int64_t n_, int64_t nb_)
+      : n(n_), nb(nb_), x((kChunk + 1) * n * W), a(kChunk * n * W), y(kChunk * W), dt(kChunk * W), dsp(kChunk * W),
+        accB(kChunk * n * W), accC(kChunk * n * W), carry(nb * n * W), dA(nb * n * W), dBc(nb * n * W),
+        dCc(nb * n * W), dD(nb * W), dbias(nb * W) {}
+};
+
+template <typename T, bool VB, bool VC>
+void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t b, int64_t g, const std::vector<Block<T>>& blocks,
+                   Lanes<T>& L, Work<T>& ws) {
+  constexpr int W = kLanes<T>;
+  const int64_t n = P.n, nW = n * W, nb = static_cast<int64_t>(blocks.size());
+  const int64_t nck = (P.l + kChunk - 1) / kChunk, c_off = g * P.group_size();
+  for (auto* v : {&ws.carry, &ws.dA, &ws.dBc, &ws.dCc, &ws.dD, &ws.dbias}) std::fill(v->begin(), v->end(), T(0));
+  if (G.dlast)
+    for (int64_t j = 0; j < nb; ++j)
+      for (int i = 0; i < blocks[j].w; ++i)
+        for (int64_t k = 0; k < n; ++k) ws.carry[j * nW + k * W + i] = G.dlast[(b * P.d + c_off + blocks[j].c0 + i) * n + k];
+  T uu[W], dtu[W], dy[W], zz[W], du[W], ddtu[W], dAx[W], dpre[W], dzv[W];
+  for (int64_t ci = nck - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * kChunk, len = std::min(kChunk, P.l - t0);
+    if (VB) std::fill(ws.accB.begin(), ws.accB.begin() + len * nW, T(0));
+    if (VC) std::fill(ws.accC.begin(), ws.accC.begin() + len * nW, T(0));
+    for (int64_t j = 0; j < nb; ++j) {
+      Block<T> blk = blocks[j];
+      blk.c0 += c_off;
+      L.fill(P, blk);
+      const T* Bv = variable_ptr(P.B, P, b, blk.c0);
+      const T* Cv = variable_ptr(P.C, P, b, blk.c0);
+      // recompute the chunk's states from the saved one
+      T* x0 = ws.x.data();
+      std::fill(x0, x0 + nW, T(0));
+      if (ci > 0)
+        for (int i = 0; i < blk.w; ++i)
+          for (int64_t k = 0; k < n; ++k) x0[k * W + i] = G.ckpt[((b * (nck - 1) + ci - 1) * P.d + blk.c0 + i) * n + k];
+      for (int64_t s = 0; s < len; ++s) {
+        T* dt = &ws.dt[s * W];
+        step_dt(P, L, blk, b, t0 + s, dt, &ws.dsp[s * W]);
+        load(uu, P.u.at(b, blk.c0, t0 + s), blk.w);
+        FOR_LANES(i) dtu[i] = dt[i] * uu[i];
+        T* xs = &ws.x[(s + 1) * nW];
+        std::copy(xs - nW, xs, xs);
+        step_state<T, VB, VC>(P, L, Bv, Cv, t0 + s, dt, dtu, xs, &ws.y[s * W], &ws.a[s * nW]);
+      }
+      // walk the chunk backwards
+      T* carry = &ws.carry[j * nW];
+      T* dA = &ws.dA[j * nW];
+      T* dBc = &ws.dBc[j * nW];
+      T* dCc = &ws.dCc[j * nW];
+      for (int64_t s = len - 1; s >= 0; --s) {
+        const int64_t t = t0 + s;
+        const T* dt = &ws.dt[s * W];
+        load(uu, P.u.at(b, blk.c0, t), blk.w);
+        load(dy, G.dout.at(b, blk.c0, t), blk.w);
+        FOR_LANES(i) dtu[i] = dt[i] * uu[i];
+        if (P.z.p) {
+          load(zz, P.z.at(b, blk.c0, t), blk.w);
+          FOR_LANES(i) {
+            const T sg = sigmoid(zz[i]), yd = ws.y[s * W + i] + L.D[i] * uu[i];
+            dzv[i] = dy[i] * yd * sg * (T(1) + zz[i] * (T(1) - sg));
+            dy[i] *= zz[i] * sg;
+          }
+          store(G.dz.at(b, blk.c0, t), dzv, blk.w);
+        }
+        FOR_LANES(i) {
+          ws.dD[j * W + i] += dy[i] * uu[i];
+          du[i] = dy[i] * L.D[i];
+          ddtu[i] = T(0);
+          dAx[i] = T(0);
+        }
+        const T* xprev = &ws.x[s * nW];
+        const T* xt = &ws.x[(s + 1) * nW];
+        const T* at = &ws.a[s * nW];
+        for (int64_t k = 0; k < n; ++k) {
+          const T bk = VB ? Bv[k * P.B.sn + t * P.B.sl] : T(0);
+          const T ck = VC ? Cv[k * P.C.sn + t * P.C.sl] : T(0);
+          const T* __restrict__ Ak = &L.A[k * W];
+          const T* __restrict__ Bk = &L.Bc[k * W];
+          const T* __restrict__ Ck = &L.Cc[k * W];
+          const T* __restrict__ xpk = xprev + k * W;
+          const T* __restrict__ xk = xt + k * W;
+          const T* __restrict__ ak = at + k * W;
+          T* __restrict__ gk = carry + k * W;
+          T* __restrict__ dAk = dA + k * W;
+          T* __restrict__ aB = VB ? &ws.accB[s * nW + k * W] : dBc + k * W;
+          T* __restrict__ aC = VC ? &ws.accC[s * nW + k * W] : dCc + k * W;
+          FOR_LANES(i) {
+            const T gv = gk[i] + dy[i] * (VC ? ck : Ck[i]);  // d loss / d x_t
+            aC[i] += dy[i] * xk[i];
+            aB[i] += gv * dtu[i];
+            ddtu[i] += gv * (VB ? bk : Bk[i]);
+            const T wv = gv * xpk[i] * ak[i];  // d loss / d (dt A)
+            dAx[i] += wv * Ak[i];
+            dAk[i] += wv * dt[i];
+            gk[i] = ak[i] * gv;
+          }
+        }
+        const T* dsp = &ws.dsp[s * W];
+        FOR_LANES(i) {
+          du[i] += ddtu[i] * dt[i];
+          dpre[i] = (ddtu[i] * uu[i] + dAx[i]) * dsp[i];
+          ws.dbias[j * W + i] += dpre[i];
+        }
+        store(G.du.at(b, blk.c0, t), du, blk.w);
+        store(G.ddelta.at(b, blk.c0, t), dpre, blk.w);
+      }
+    }
+    // variable B/C: this task owns (b, g, :, t0:t0+len); sum the lanes of every block
+    for (auto [on, acc, dst] : {std::tuple{VB, &ws.accB, G.dB}, std::tuple{VC, &ws.accC, G.dC}}) {
+      if (!on) continue;
+      for (int64_t s = 0; s < len; ++s)
+        for (int64_t k = 0; k < n; ++k) {
+          T sum = T(0);
+          for (int i = 0; i < W; ++i) sum += (*acc)[s * nW + k * W + i];
+          dst[((b * P.groups + g) * n + k) * P.l + t0 + s] = sum;
+        }
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j)
+    for (int i = 0; i < blocks[j].w; ++i) {
+      const int64_t c = c_off + blocks[j].c0 + i;
+      G.dD[b * P.d + c] = ws.dD[j * W + i];
+      G.dbias[b * P.d + c] = ws.dbias[j * W + i];
+      for (int64_t k = 0; k < n; ++k) {
+        G.dA[(b * P.d + c) * n + k] = ws.dA[j * nW + k * W + i];
+        if (!VB) G.dB[(b * P.d + c) * n + k] = ws.dBc[j * nW + k * W + i];
+        if (!VC) G.dC[(b * P.d + c) * n + k] = ws.dCc[j * nW + k * W + i];
+      }
+    }
+}
+
+template <typename T, bool VB, bool VC>
+struct Backward {
+  static void run(const Problem<T>& P, const Grads<T>& G) {
+    const auto blocks = group_blocks<T>(0, P.group_size());
+    const int64_t nb = static_cast<int64_t>(blocks.size());
+    at::parallel_for(0, P.b * P.groups, grain<T>(3 * P.l * P.n * P.group_size()), [&](int64_t begin, int64_t end) {
+      Lanes<T> L(P.n);
+      Work<T> ws(P.n, nb);
+      for (int64_t task = begin; task < end; ++task)
+        backward_task<T, VB, VC>(P, G, task / P.groups, task % P.groups, blocks, L, ws);
+    });
+  }
+};
+
+std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
+                                 bool softplus, const at::Tensor& dout, const std::optional<at::Tensor>& dlast,
+                                 const std::optional<at::Tensor>& ckpt) {
+  std::vector<at::Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "dmmh_selective_scan_bwd", [&] {
+    const auto P = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus);
+    const int64_t nck = (P.l + kChunk - 1) / kChunk;
+    TORCH_CHECK(dout.scalar_type() == u.scalar_type() && dout.sizes() == u.sizes() && (dout.stride(1) == 1 || P.d <= 1),
+                "dmmh selective scan: dout must be like u with contiguous channels");
+    TORCH_CHECK(nck <= 1 || (ckpt && ckpt->is_contiguous() && ckpt->sizes() == at::IntArrayRef({P.b, nck - 1, P.d, P.n}) &&
+                             ckpt->scalar_type() == u.scalar_type()),
+                "dmmh selective scan: the backward needs the forward's saved states");
+    TORCH_CHECK(!dlast || (dlast->is_contiguous() && dlast->sizes() == at::IntArrayRef({P.b, P.d, P.n}) &&
+                           dlast->scalar_type() == u.scalar_type()),
+                "dmmh selective scan: dlast must be contiguous (b, d, n)");
+    auto opt = u.options();
+    at::Tensor du = empty_seq<scalar_t>(P.b, P.d, P.l, u), ddelta = empty_seq<scalar_t>(P.b, P.d, P.l, u);
+    at::Tensor dz = empty_seq<scalar_t>(z ? P.b : 0, P.d, P.l, u);
+    auto grad_bc = [&](const at::Tensor& M) {
+      return M.dim() == 4 ? at::empty({P.b, P.groups, P.n, P.l}, opt) : at::empty({P.b, P.d, P.n}, opt);
+    };
+    at::Tensor dB = grad_bc(B), dC = grad_bc(C);
+    at::Tensor dA = at::empty({P.b, P.d, P.n}, opt), dD = at::empty({P.b, P.d}, opt), dbias = at::empty({P.b, P.d}, opt);
+    Grads<scalar_t> G{Seq<const scalar_t>(dout),
+                      dlast ? dlast->data_ptr<scalar_t>() : nullptr,
+                      nck > 1 ? ckpt->data_ptr<scalar_t>() : nullptr,
+                      Seq<scalar_t>(du), Seq<scalar_t>(ddelta), z ? Seq<scalar_t>(dz) : Seq<scalar_t>(),
+                      dB.data_ptr<scalar_t>(), dC.data_ptr<scalar_t>(),
+                      dA.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>()};
+    dispatch_bc<scalar_t, Backward>(P, G);
+    // per-item partial sums of the parameters' gradients; constant B/C likewise
+    res = {du, ddelta, dA.sum(0), B.dim() == 4 ? dB : dB.sum(0), C.dim() == 4 ? dC : dC.sum(0), dD.sum(0), dz,
+           dbias.sum(0)};
+  });
+  return res;
+}
+
+// ---- causal depthwise convolution
+
+template <typename T>
+struct Conv {
+  Seq<const T> x;
+  const T* w;  // (d, K), any strides
+  int64_t swd, swk;
+  const T* bias;  // contiguous (d,) or nullptr
+  int64_t b, d, l, K;
+  bool silu;
+};
+
+template <typename T>
+Conv<T> make_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool silu) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu() && (x.stride(1) == 1 || x.size(1) <= 1),
+              "dmmh causal conv1d: x must be a CPU (b, d, l) tensor with contiguous channels, got sizes ", x.sizes(),
+              " strides ", x.strides());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(1) && w.size(1) >= 1 && w.scalar_type() == x.scalar_type(),
+              "dmmh causal conv1d: weight must be (d, width) of x's dtype");
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == x.size(1) && bias->is_contiguous() &&
+                        bias->scalar_type() == x.scalar_type()),
+              "dmmh causal conv1d: bias must be contiguous (d,) of x's dtype");
+  return {Seq<const T>(x), w.data_ptr<T>(), w.stride(0), w.stride(1), bias ? bias->data_ptr<T>() : nullptr,
+          x.size(0), x.size(1), x.size(2), w.size(1), silu};
+}
+
+template <typename T>
+void conv_lanes(const Conv<T>& P, const Block<T>& blk, T* wl, T* bl) {  // weights lane-major: wl[k * W + i]
+  constexpr int W = kLanes<T>;
+  for (int64_t k = 0; k < P.K; ++k)
+    for (int i = 0; i < W; ++i) wl[k * W + i] = i < blk.w ? P.w[(blk.c0 + i) * P.swd + k * P.swk] : T(0);
+  for (int i = 0; i < W; ++i) bl[i] = P.bias && i < blk.w ? P.bias[blk.c0 + i] : T(0);
+}
+
+// pre = bias + sum_k w_k x_{t-K+1+k}, from the window xw[k] = x_{t-K+1+k}
+template <typename T>
+LANE_FN void conv_pre(const Conv<T>& P, const T* __restrict__ wl, const T* __restrict__ bl, const T* __restrict__ xw,
+                      T* __restrict__ pre) {
+  constexpr int W = kLanes<T>;
+  FOR_LANES(i) pre[i] = bl[i];
+  for (int64_t k = 0; k < P.K; ++k) FOR_LANES(i) pre[i] += wl[k * W + i] * xw[k * W + i];
+}
+
+template <typename T>
+void conv_forward(const Conv<T>& P, Seq<T> out) {
+  constexpr int W = kLanes<T>;
+  const auto blocks = group_blocks<T>(0, P.d);
+  const int64_t nb = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, P.b * nb, grain<T>(P.l * P.K * W), [&](int64_t begin, int64_t end) {
+    std::vector<T> wl(P.K * W), xw(P.K * W);
+    T bl[W], pre[W];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nb;
+      const Block<T>& blk = blocks[task % nb];
+      conv_lanes(P, blk, wl.data(), bl);
+      std::fill(xw.begin(), xw.end(), T(0));
+      for (int64_t t = 0; t < P.l; ++t) {
+        std::copy(xw.begin() + W, xw.end(), xw.begin());  // slide the window by one step
+        load(&xw[(P.K - 1) * W], P.x.at(b, blk.c0, t), blk.w);
+        conv_pre(P, wl.data(), bl, xw.data(), pre);
+        if (P.silu) FOR_LANES(i) pre[i] *= sigmoid(pre[i]);
+        store(out.at(b, blk.c0, t), pre, blk.w);
+      }
+    }
+  });
+}
+
+// Walks each row backwards with windows of inputs (x_{t-K+1..t}) and of output gradients (g_{t..t+K-1}).
+template <typename T>
+void conv_backward(const Conv<T>& P, Seq<const T> dout, Seq<T> dx, T* dw, T* dbias) {
+  constexpr int W = kLanes<T>;
+  const auto blocks = group_blocks<T>(0, P.d);
+  const int64_t nb = static_cast<int64_t>(blocks.size()), K = P.K;
+  at::parallel_for(0, P.b * nb, grain<T>(3 * P.l * P.K * W), [&](int64_t begin, int64_t end) {
+    std::vector<T> wl(K * W), xw(K * W), gw(K * W), dwl(K * W);
+    T bl[W], pre[W], g[W], dxv[W], dbl[W];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nb;
+      const Block<T>& blk = blocks[task % nb];
+      conv_lanes(P, blk, wl.data(), bl);
+      std::fill(gw.begin(), gw.end(), T(0));
+      std::fill(dwl.begin(), dwl.end(), T(0));
+      FOR_LANES(i) dbl[i] = T(0);
+      for (int64_t k = 0; k < K; ++k) {  // inputs of the last step
+        const int64_t s = P.l - K + k;
+        if (s >= 0) load(&xw[k * W], P.x.at(b, blk.c0, s), blk.w);
+        else std::fill(&xw[k * W], &xw[k * W] + W, T(0));
+      }
+      for (int64_t t = P.l - 1; t >= 0; --t) {
+        conv_pre(P, wl.data(), bl, xw.data(), pre);
+        load(g, dout.at(b, blk.c0, t), blk.w);
+        if (P.silu)
+          FOR_LANES(i) {
+            const T s = sigmoid(pre[i]);
+            g[i] *= s * (T(1) + pre[i] * (T(1) - s));
+          }
+        std::copy_backward(gw.begin(), gw.end() - W, gw.end());  // gw[j] = g_{t+j}
+        std::copy(g, g + W, gw.begin());
+        FOR_LANES(i) {
+          dxv[i] = T(0);
+          dbl[i] += g[i];
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          FOR_LANES(i) {
+            dxv[i] += wl[k * W + i] * gw[(K - 1 - k) * W + i];
+            dwl[k * W + i] += g[i] * xw[k * W + i];
+          }
+        }
+        store(dx.at(b, blk.c0, t), dxv, blk.w);
+        std::copy_backward(xw.begin(), xw.end() - W, xw.end());  // the window of step t - 1
+        if (t - K >= 0) load(&xw[0], P.x.at(b, blk.c0, t - K), blk.w);
+        else std::fill(xw.begin(), xw.begin() + W, T(0));
+      }
+      for (int i = 0; i < blk.w; ++i) {
+        const int64_t c = blk.c0 + i;
+        if (dbias) dbias[b * P.d + c] = dbl[i];
+        for (int64_t k = 0; k < K; ++k) dw[(b * P.d + c) * K + k] = dwl[k * W + i];
+      }
+    }
+  });
+}
+
+at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool silu) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dmmh_causal_conv1d_fwd", [&] {
+    const auto P = make_conv<scalar_t>(x, w, bias, silu);
+    out = empty_seq<scalar_t>(P.b, P.d, P.l, x);
+    conv_forward(P, Seq<scalar_t>(out));
+  });
+  return out;
+}
+
+std::vector<at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                 bool silu, const at::Tensor& dout) {
+  std::vector<at::Tensor> res;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dmmh_causal_conv1d_bwd", [&] {
+    const auto P = make_conv<scalar_t>(x, w, bias, silu);
+    TORCH_CHECK(dout.scalar_type() == x.scalar_type() && dout.sizes() == x.sizes() && (dout.stride(1) == 1 || P.d <= 1),
+                "dmmh causal conv1d: dout must be like x with contiguous channels");
+    at::Tensor dx = empty_seq<scalar_t>(P.b, P.d, P.l, x);
+    at::Tensor dw = at::empty({P.b, P.d, P.K}, x.options());
+    at::Tensor db = at::empty({bias ? P.b : 0, P.d}, x.options());
+    conv_backward(P, Seq<const scalar_t>(dout), Seq<scalar_t>(dx), dw.data_ptr<scalar_t>(),
+                  bias ? db.data_ptr<scalar_t>() : nullptr);
+    res = {dx, dw.sum(0), db.sum(0)};
+  });
+  return res;
+}
+
+}  // namespace
+
+// Outputs that were not asked for (the last state, saved states, gradients of absent inputs) are empty
+// tensors: undefined ones would not pass through Python dispatch modes such as FlopCounterMode.
+TORCH_LIBRARY(dmmh, m) {
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool softplus, bool last, bool ckpt) -> Tensor[]");
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool softplus, Tensor dout, Tensor? dlast, Tensor? ckpt) -> Tensor[]");
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def("causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor dout) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(dmmh, CPU, m) {
+  m.impl("selective_scan_fwd", &scan_fwd);
+  m.impl("selective_scan_bwd", &scan_bwd);
+  m.impl("causal_conv1d_fwd", &conv_fwd);
+  m.impl("causal_conv1d_bwd", &conv_bwd);
+}
