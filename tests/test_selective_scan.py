@@ -286,6 +286,7 @@ def test_kernel_build_is_cached_per_source_flags_and_cpu(tmp_path):
     import subprocess
     import sys
 
+    _cpp.load()  # built (once) by this process if no earlier test did
     code = "import logging, torch; logging.basicConfig(); from dmmh.ops import _cpp; _cpp.load(); print(torch.ops.dmmh.selective_scan_fwd)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "building" not in run.stderr and "dmmh.selective_scan_fwd" in run.stdout

@@ -128,12 +128,13 @@ def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: boo
     return F.softplus(delta) if delta_softplus else delta
 
 
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
-    """``(y + D u) * silu(z)`` in the compute dtype of ``y``, cast to ``u``'s dtype."""
-    out = y if D is None else y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, inplace: bool = False) -> Tensor:
+    """``(y + D u) * silu(z)`` in the compute dtype of ``y`` (overwriting ``y`` when ``inplace``), cast to ``u``'s dtype."""
+    if D is not None:
+        y = torch.addcmul(y, u.to(y.dtype), D.to(y.dtype)[:, None], out=y if inplace else None)
     if z is not None:
-        out = out * F.silu(z.to(y.dtype))
-    return out.to(u.dtype)
+        y = y.mul_(F.silu(z.to(y.dtype))) if inplace else y * F.silu(z.to(y.dtype))
+    return y.to(u.dtype)
 
 
 # -- reference -----------------------------------------------------------------------------------
@@ -314,39 +315,47 @@ def _bx(M: Tensor, blk: slice, steps: slice | None = None) -> Tensor:
     return M if steps is None or M.shape[0] == 1 else M[steps]
 
 
+def _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_state, gs) -> tuple[Tensor, Tensor | None]:
+    """``y = <x_t, C_t>`` as ``(b, d, l)`` (compute dtype) and the last state, in pieces of (batch block x a few
+    steps) that carry the state from piece to piece: memory is ``y`` plus ``O(b d n)``."""
+    dtype = _cpp.compute_dtype(u, delta, A, B, C, delta_bias)
+    b, d, l = u.shape
+    n = A.shape[1]
+    Af = A.to(dtype)
+    Bx, Cx = _time_major(B, gs, d, dtype), _time_major(C, gs, d, dtype)
+    bias = None if delta_bias is None else delta_bias.to(dtype)
+    y = torch.empty(l, b, d, dtype=dtype, device=u.device)
+    last = torch.zeros(b, d, n, dtype=dtype, device=u.device) if return_last_state else None
+    size, blocks = _blocks(b, d * n)  # one step of a block: at most _BLOCK_ELEMENTS
+    steps = min(max(l, 1), max(1, 4 * _BLOCK_ELEMENTS // (size * d * n)))
+    work = _Workspace(2, steps * size * d * n, y)
+    carry = torch.empty(size, gs, d // gs, n, dtype=dtype, device=u.device)
+    for blk in blocks:
+        bb = blk.stop - blk.start
+        x = None
+        for t0 in range(0, l, steps):
+            ts = slice(t0, min(t0 + steps, l))
+            dt = delta[blk, :, ts].permute(2, 0, 1).to(dtype)  # (steps, bb, d)
+            dt = dt if bias is None else dt + bias
+            dt = F.softplus(dt) if delta_softplus else dt
+            du = dt * u[blk, :, ts].permute(2, 0, 1)
+            decay, X = work.views(ts.stop - t0, bb, gs, d // gs, n)
+            _block_states(decay, X, dt, du, Af, _bx(Bx, blk, ts), x)
+            y[ts, blk] = _dot_n(X, _bx(Cx, blk, ts)).reshape(-1, bb, d)
+            x = carry[:bb].copy_(X[-1])  # the workspace is overwritten by the next piece
+        if last is not None and x is not None:
+            last[blk] = x.reshape(bb, d, n)
+    return y.permute(1, 2, 0), last
+
+
 class _SelectiveScanTorch(torch.autograd.Function):
-    """Forward in (batch block x chunk of steps) pieces, carrying the state; the backward recomputes states per batch block."""
+    """The forward of :func:`_torch_states`; the backward recomputes the states of each batch block."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, gs):
-        dtype = _cpp.compute_dtype(u, delta, A, B, C, D, z, delta_bias)
-        b, d, l = u.shape
-        n = A.shape[1]
-        pre = delta.to(dtype) if delta_bias is None else delta.to(dtype) + delta_bias.to(dtype)[:, None]
-        dt = (F.softplus(pre) if delta_softplus else pre).permute(2, 0, 1).contiguous()  # (l, b, d)
-        du = dt * u.to(dtype).permute(2, 0, 1)
-        Af = A.to(dtype)
-        Bx, Cx = _time_major(B, gs, d, dtype), _time_major(C, gs, d, dtype)
-        y = torch.empty(l, b, d, dtype=dtype, device=u.device)
-        last = torch.zeros(b, d, n, dtype=dtype, device=u.device) if return_last_state else None
-        size, blocks = _blocks(b, d * n)  # one step of a block: at most _BLOCK_ELEMENTS
-        steps = min(max(l, 1), max(1, 4 * _BLOCK_ELEMENTS // (size * d * n)))
-        work = _Workspace(2, steps * size * d * n, dt)
-        carry = torch.empty(size, gs, d // gs, n, dtype=dtype, device=u.device)
-        for blk in blocks:
-            bb = blk.stop - blk.start
-            x = None
-            for t0 in range(0, l, steps):
-                ts = slice(t0, min(t0 + steps, l))
-                decay, X = work.views(ts.stop - t0, bb, gs, d // gs, n)
-                _block_states(decay, X, dt[ts, blk], du[ts, blk], Af, _bx(Bx, blk, ts), x)
-                y[ts, blk] = _dot_n(X, _bx(Cx, blk, ts)).reshape(-1, bb, d)
-                x = carry[:bb].copy_(X[-1])  # the workspace is overwritten by the next chunk
-            if last is not None and x is not None:
-                last[blk] = x.reshape(bb, d, n)
-        y = y.permute(1, 2, 0)  # (b, d, l)
+        y, last = _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_state, gs)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y)
-        ctx.meta = (delta_softplus, gs, dtype)
+        ctx.meta = (delta_softplus, gs, _cpp.compute_dtype(u, delta, A, B, C, D, z, delta_bias))
         out = _finish(y, u, D, z)
         return (out, last) if return_last_state else out
 
@@ -435,7 +444,12 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     """The pure-PyTorch selective scan with a hand-written backward (any device)."""
     gb, gc = _check(u, delta, A, B, C, D, z, delta_bias)
     gs = max(gb, gc)
-    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), gs)
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _SelectiveScanTorch.apply(*args, bool(delta_softplus), bool(return_last_state), gs)
+    y, last = _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_state, gs)
+    out = _finish(y, u, D, z, inplace=True)
+    return (out, last) if return_last_state else out
 
 
 # -- mamba-ssm's CUDA kernel ---------------------------------------------------------------------
