@@ -63,6 +63,21 @@ def test_cnn_deep_is_one_network_per_token():
     assert changed.tolist() == [t == 2 for t in range(T)]
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_cnn_deep_equals_its_convolution_modules(train):
+    """The batched-matmul forward equals the layers' own Conv1d/BatchNorm1d forward, batch statistics and gradients included."""
+    torch.manual_seed(0)
+    f = dmmh.FUSIONS.create("cnn_deep", num_tokens=5, dim=6, hidden=(4, 3), out_per_token=2).train(train)
+    a, b = torch.randn(7, 5, 6, requires_grad=True), torch.randn(7, 5, 6)
+    g = torch.randn(7, 10)
+    out = f([a, b])
+    ref = f.net((a + b).reshape(7, -1, 1)).squeeze(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad((o * g).sum(), [a, *f.parameters()]) for o in (out, ref)]
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
 def test_heads_codes_and_gradients():
     x = torch.randn(16, 12, requires_grad=True)
     tanh = dmmh.HASH_HEADS.create("tanh", in_dim=12, n_bits=8)

@@ -1,15 +1,21 @@
-"""Memory of the selective scan's inference paths: no (batch, channels, length, state) tensor, ever.
+"""What the speed work must not change: memory of the scan's inference paths, results of threaded encoding.
 
-At the shape below the states would take 1.07 GB in float32 (what the reference loop materialises, twice);
-the inference paths must do with the output and a few output-sized temporaries. Each case runs in a fresh
-process and compares its peak resident memory after the scan with the peak before it.
+Memory: at the shape below the states would take 1.07 GB in float32 (what the reference loop
+materialises, twice); the inference paths must do with the output and a few output-sized temporaries.
+Each case runs in a fresh process and compares its peak resident memory after the scan with the peak
+before it.
 """
 
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dmmh
 
 B, D, L, N = 8, 2048, 1024, 16
 STATE_BYTES = B * D * L * N * 4
@@ -44,3 +50,77 @@ def test_inference_scan_never_materialises_the_states(backend, bound):
     assert res["shape"] == [B, D, L] and res["finite"]
     print(f"{backend}: peak memory grew by {res['extra'] / 2**20:.0f} MiB (output {OUTPUT_BYTES / 2**20:.0f} MiB, states {STATE_BYTES / 2**30:.2f} GiB)")
     assert res["extra"] <= bound, f"{backend}: {res['extra'] / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op thread count for a test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def small_model(rng):
+    torch.manual_seed(int(rng.integers(2**63)))
+    return dmmh.create_model(image_dim=12, text_dim=9, n_bits=8, encoder="mamba", dim=16, encoder_kwargs={"hidden": (16,)}).eval()
+
+
+def test_threaded_encoding_equals_one_thread(rng, threads, monkeypatch):
+    """Passes on worker threads (uneven: 37 items in passes of at most 5) give one thread's results, in order."""
+    model = small_model(rng)
+    monkeypatch.setattr(type(model), "rows_per_pass", 5 * 8)
+    img, txt = torch.randn(37, 12), torch.randn(37, 9)
+    seen = []
+    hook = model.encoders["image"].register_forward_hook(lambda m, i, o: seen.append((threading.current_thread().name, torch.get_num_threads(), len(o))))
+    results = {}
+    for n in (1, 2, 3):
+        threads(n)
+        seen.clear()
+        with torch.no_grad():
+            results[n] = model(img, txt)
+        assert torch.get_num_threads() == n  # the caller's setting is untouched
+        assert sum(k for *_, k in seen) == 37 and max(k for *_, k in seen) <= 5
+        assert all(t == 1 for _, t, _ in seen), seen  # every pass runs with one intra-op thread
+        assert any(name.startswith("dmmh-pass") for name, *_ in seen) == (n > 1)
+    hook.remove()
+    for n in (2, 3):
+        torch.testing.assert_close(results[n], results[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.encode(img, txt), model.encode(img, txt))
+
+
+def test_worker_threads_keep_the_callers_modes(rng, threads):
+    """bf16 autocast and inference mode reach the workers; FLOPs are counted in full (no workers under a dispatch mode)."""
+    model = small_model(rng)
+    img, txt = torch.randn(40, 12), torch.randn(40, 9)
+    threads(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            relaxed = model(img, txt)
+        codes = model.encode(img, txt)
+    assert relaxed.dtype == torch.bfloat16 and codes.dtype == torch.bfloat16 and codes.is_inference()
+    counts = []
+    for n in (1, 2):
+        threads(n)
+        with FlopCounterMode(display=False) as counter:
+            model.encode(img, txt)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+def test_worker_errors_reach_the_caller(rng, threads):
+    model = small_model(rng)
+    img = torch.randn(40, 12)
+    img[33, 4] = float("nan")
+    threads(2)
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        model.encode(img, torch.randn(40, 9))
+
+
+def test_new_threads_still_get_the_default_thread_count(rng, threads):
+    threads(2)
+    small_model(rng).encode(torch.randn(40, 12), torch.randn(40, 9))  # creates the worker pool
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [2]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dmmh._checks import check_same_batch
+from dmmh.models._passes import run_passes
 from dmmh.registry import ENCODERS, FUSIONS, HASH_HEADS
 
 __all__ = ["DMMH", "MODALITIES"]
@@ -34,13 +35,18 @@ class DMMH(nn.Module):
             modalities (chosen at random), so that the model learns to encode items from one
             modality alone (an extension of the paper, whose queries carry both).
 
-    On the CPU the encoders take a large batch in passes of about :attr:`rows_per_pass` tokens: each
-    pass's activations (a few MiB) stay in cache, and matrix products of that height run at the
-    machine's full rate, where one pass over thousands of items runs at about 60 % of it. Items are
-    independent in the encoders, so this changes no result beyond float rounding.
+    On the CPU a batch goes through the model in passes of at most :attr:`rows_per_pass` tokens: each
+    pass's activations (a few MiB) stay in cache and reuse the memory of the previous pass, where one
+    pass over hundreds of items has the OS supply fresh pages for every activation (page faults then
+    cost about a fifth of the time) and its matrix products run at about 60 % of the machine's rate.
+    In eval mode without gradients (``encode``) an item's code never depends on the rest of its batch:
+    the passes go through the whole model and run on ``torch.get_num_threads()`` worker threads (see
+    :mod:`dmmh.models._passes`: no OpenMP synchronisation, so more threads are never slower). Otherwise
+    only the encoders go in passes, one after another, since BatchNorm and the pairwise losses see the
+    whole batch. Results change by float rounding only.
     """
 
-    #: tokens (items x ``num_tokens``) per encoder pass on the CPU
+    #: tokens (items x ``num_tokens``) per pass on the CPU
     rows_per_pass: int = 2048
 
     def __init__(
@@ -91,9 +97,18 @@ class DMMH(nn.Module):
 
     def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> Tensor:
         """Relaxed codes ``(B, n_bits)`` from whichever modalities are given."""
-        inputs = {"image": image, "text": text}
-        check_same_batch(inputs)
-        tokens = {m: self._tokens(m, x) for m, x in inputs.items() if x is not None}
+        inputs = {m: x for m, x in (("image", image), ("text", text)) if x is not None}
+        n = check_same_batch({"image": image, "text": text})
+        if next(iter(inputs.values())).device.type != "cpu":
+            return self._codes(inputs, max(n, 1))
+        step = max(1, self.rows_per_pass // self.num_tokens)
+        if self.training or torch.is_grad_enabled():
+            return self._codes(inputs, step)
+        return run_passes(lambda rows: self._codes({m: x[rows] for m, x in inputs.items()}, n), n, step)
+
+    def _codes(self, inputs: dict[str, Tensor], step: int) -> Tensor:
+        """Codes of a batch, its encoders taking ``step`` items at a time."""
+        tokens = {m: _in_passes(lambda rows: self.encoders[m](x[rows]), len(x), step) for m, x in inputs.items()}
         if self.training and self.modality_dropout > 0 and len(tokens) == 2:
             tokens = self._drop_modalities(tokens)
         return self.head(self.fusion(list(tokens.values())))
@@ -104,13 +119,6 @@ class DMMH(nn.Module):
         with torch.inference_mode():
             return self.head.binarize(self(image, text))
 
-    def _tokens(self, modality: str, x: Tensor) -> Tensor:
-        encoder = self.encoders[modality]
-        step = max(1, self.rows_per_pass // self.num_tokens)
-        if x.device.type != "cpu" or x.shape[0] <= step:
-            return encoder(x)
-        return torch.cat([encoder(part) for part in x.split(step)])
-
     def _drop_modalities(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
         first = next(iter(tokens.values()))
         n = first.shape[0]
@@ -118,3 +126,10 @@ class DMMH(nn.Module):
         which = torch.rand(n, device=first.device) < 0.5  # True: drop image, False: drop text
         keep = {"image": ~(dropped & which), "text": ~(dropped & ~which)}
         return {m: t * keep[m].to(t.dtype)[:, None, None] for m, t in tokens.items()}
+
+
+def _in_passes(fn, n: int, step: int) -> Tensor:
+    """``fn(rows)`` over ``n`` rows in slices of ``step`` rows, one after another, concatenated."""
+    if n <= step:
+        return fn(slice(None))
+    return torch.cat([fn(slice(i, i + step)) for i in range(0, n, step)])

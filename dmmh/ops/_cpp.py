@@ -5,9 +5,11 @@ Mamba layer). It is compiled with torch's own
 extension builder (``torch.utils.cpp_extension``: ninja and a C++ compiler, as for ``torch.compile``)
 into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that hashes the
 source, the flags, the torch version and the CPU, so a changed source or another machine builds
-afresh and a cached build loads in milliseconds. It registers ``torch.ops.dmmh.selective_scan_fwd``,
-``selective_scan_bwd``, ``causal_conv1d_fwd`` and ``causal_conv1d_bwd``. The first build takes about a
-minute; :func:`load` raises :class:`KernelUnavailable` with the compiler's message when it fails.
+afresh and a cached build loads in milliseconds. The operators ``torch.ops.dmmh.selective_scan_fwd``,
+``selective_scan_bwd``, ``causal_conv1d_fwd`` and ``causal_conv1d_bwd`` are defined here, at import (with
+what ``FlopCounterMode`` counts for them); the library registers their CPU implementations. The first
+build takes about a minute; :func:`load` raises :class:`KernelUnavailable` with the compiler's message
+when it fails.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 __all__ = ["KernelUnavailable", "load", "available", "channels_last", "compute_dtype", "SOURCE"]
 
@@ -95,6 +98,37 @@ def _load():
         error = KernelUnavailable(f"dmmh's C++ kernels are unavailable: {type(exc).__name__}: {str(exc)[-2000:]}")
         error.__cause__ = exc
         return None, error
+
+
+# Outputs that were not asked for (the last state, saved states, gradients of absent inputs) are empty
+# tensors: undefined ones would not pass through Python dispatch modes such as FlopCounterMode.
+SCHEMAS = {
+    "selective_scan_fwd": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+                          "Tensor? delta_bias, bool softplus, bool last, bool ckpt) -> Tensor[]",
+    "selective_scan_bwd": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+                          "Tensor? delta_bias, bool softplus, Tensor dout, Tensor? dlast, Tensor? ckpt) -> Tensor[]",
+    "causal_conv1d_fwd": "(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor",
+    "causal_conv1d_bwd": "(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor dout) -> Tensor[]",
+}
+_LIBRARY = torch.library.Library("dmmh", "DEF")
+for _op, _schema in SCHEMAS.items():
+    _LIBRARY.define(_op + _schema)
+
+
+def _scan_flops(factor: int):
+    return lambda u, delta, A, *rest, out_shape=None, **kw: factor * u[0] * u[1] * u[2] * A[1]
+
+
+def _conv_flops(factor: int):
+    return lambda x, weight, *rest, out_shape=None, **kw: factor * x[0] * x[1] * x[2] * weight[1]
+
+
+# FlopCounterMode counts for the kernels what it counted for the matrix products of the pure-PyTorch paths
+# they replace: the scan's contraction with C (2 b d l n) and three such products in its backward; the
+# convolution's multiply-adds, twice in its backward.
+for _op, _formula in (("selective_scan_fwd", _scan_flops(2)), ("selective_scan_bwd", _scan_flops(6)),
+                      ("causal_conv1d_fwd", _conv_flops(2)), ("causal_conv1d_bwd", _conv_flops(4))):
+    register_flop_formula(getattr(torch.ops.dmmh, _op))(_formula)
 
 
 @functools.lru_cache(maxsize=1)

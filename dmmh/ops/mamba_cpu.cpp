@@ -338,12 +338,25 @@ int64_t grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
 }
 
+// at::parallel_for, except on a thread with one intra-op thread: there it runs f inline without calling
+// at::parallel_for, whose inlined first-use initialisation (one per library) would reset the thread's count
+// to torch's default (dmmh's pass workers set theirs to 1, see dmmh/models/_passes.py).
+template <typename F>
+void parallel_tasks(int64_t tasks, int64_t grain_size, const F& f) {
+  if (tasks <= 0) return;
+  if (at::get_num_threads() == 1 || tasks <= grain_size) {
+    f(0, tasks);
+    return;
+  }
+  at::parallel_for(0, tasks, grain_size, f);
+}
+
 template <typename T, bool VB, bool VC>
 void forward(const Problem<T>& P, Seq<T> out, T* last, T* ckpt) {
   const int64_t hs = P.group_size();
   const auto blocks = group_blocks<T>(0, hs);  // the same in every group
   const int64_t nb = static_cast<int64_t>(blocks.size()), per_item = P.groups * nb;
-  at::parallel_for(0, P.b * per_item, grain<T>(P.l * P.n * kLanes<T>), [&](int64_t begin, int64_t end) {
+  parallel_tasks(P.b * per_item, grain<T>(P.l * P.n * kLanes<T>), [&](int64_t begin, int64_t end) {
     Lanes<T> L(P.n);
     std::vector<T> x(P.n * kLanes<T>);
     for (int64_t task = begin; task < end; ++task) {
@@ -541,7 +554,7 @@ struct Backward {
   static void run(const Problem<T>& P, const Grads<T>& G) {
     const auto blocks = group_blocks<T>(0, P.group_size());
     const int64_t nb = static_cast<int64_t>(blocks.size());
-    at::parallel_for(0, P.b * P.groups, grain<T>(3 * P.l * P.n * P.group_size()), [&](int64_t begin, int64_t end) {
+    parallel_tasks(P.b * P.groups, grain<T>(3 * P.l * P.n * P.group_size()), [&](int64_t begin, int64_t end) {
       Lanes<T> L(P.n);
       Work<T> ws(P.n, nb);
       for (int64_t task = begin; task < end; ++task)
@@ -637,7 +650,7 @@ void conv_forward(const Conv<T>& P, Seq<T> out) {
   constexpr int W = kLanes<T>;
   const auto blocks = group_blocks<T>(0, P.d);
   const int64_t nb = static_cast<int64_t>(blocks.size());
-  at::parallel_for(0, P.b * nb, grain<T>(P.l * P.K * W), [&](int64_t begin, int64_t end) {
+  parallel_tasks(P.b * nb, grain<T>(P.l * P.K * W), [&](int64_t begin, int64_t end) {
     std::vector<T> wl(P.K * W), xw(P.K * W);
     T bl[W], pre[W];
     for (int64_t task = begin; task < end; ++task) {
@@ -662,7 +675,7 @@ void conv_backward(const Conv<T>& P, Seq<const T> dout, Seq<T> dx, T* dw, T* dbi
   constexpr int W = kLanes<T>;
   const auto blocks = group_blocks<T>(0, P.d);
   const int64_t nb = static_cast<int64_t>(blocks.size()), K = P.K;
-  at::parallel_for(0, P.b * nb, grain<T>(3 * P.l * P.K * W), [&](int64_t begin, int64_t end) {
+  parallel_tasks(P.b * nb, grain<T>(3 * P.l * P.K * W), [&](int64_t begin, int64_t end) {
     std::vector<T> wl(K * W), xw(K * W), gw(K * W), dwl(K * W);
     T bl[W], pre[W], g[W], dxv[W], dbl[W];
     for (int64_t task = begin; task < end; ++task) {
@@ -740,17 +753,8 @@ std::vector<at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& w, const
 
 }  // namespace
 
-// Outputs that were not asked for (the last state, saved states, gradients of absent inputs) are empty
-// tensors: undefined ones would not pass through Python dispatch modes such as FlopCounterMode.
-TORCH_LIBRARY(dmmh, m) {
-  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool softplus, bool last, bool ckpt) -> Tensor[]");
-  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-        "Tensor? delta_bias, bool softplus, Tensor dout, Tensor? dlast, Tensor? ckpt) -> Tensor[]");
-  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
-  m.def("causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor dout) -> Tensor[]");
-}
-
+// The operators' schemas are defined in Python (dmmh/ops/_cpp.py), so that they exist before this library
+// is built; it registers their CPU implementations.
 TORCH_LIBRARY_IMPL(dmmh, CPU, m) {
   m.impl("selective_scan_fwd", &scan_fwd);
   m.impl("selective_scan_bwd", &scan_bwd);
