@@ -150,31 +150,75 @@ def test_layer_feeds_the_kernels_channels_contiguous_views(monkeypatch):
         assert t.shape[1:] == (32, 7) and t.stride(1) == 1, t.stride()
 
 
-def test_dmmh_model_encodes_large_batches_in_passes_with_the_same_results(monkeypatch):
-    """On the CPU the encoders take a batch in passes of ``rows_per_pass`` tokens: same outputs and gradients
-    (float64, where rounding is far below the tolerance: in float32 the BatchNorm's cancellation shows it)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dmmh_model_trains_and_encodes_in_passes_with_the_same_results(monkeypatch, threads):
+    """On the CPU the encoders take a batch in passes of ``rows_per_pass`` tokens, on worker threads when there
+    are several: same outputs and gradients as one pass on one thread (float64, where rounding is far below
+    the tolerance: in float32 the fusion's BatchNorm cancellation shows it)."""
     torch.manual_seed(0)
     model = dmmh.create_model(image_dim=12, text_dim=9, n_bits=8, encoder="mamba", dim=16,
                               encoder_kwargs={"hidden": (16,), "dropout": 0.0}).double()
     img, txt, g = torch.randn(23, 12).double(), torch.randn(23, 9).double(), torch.randn(23, 8).double()
-    results = []
-    for rows in (10**9, 3 * 8):  # one pass; passes of three items (the last one of two)
+    before = torch.get_num_threads()
+
+    def run(n_threads, rows):
         monkeypatch.setattr(type(model), "rows_per_pass", rows)
+        torch.set_num_threads(n_threads)
         calls = []
         hook = model.encoders["image"].register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-        model.zero_grad()
-        out = model(img, txt)
-        (out * g).sum().backward()
-        hook.remove()
-        results.append((out, [p.grad.clone() for p in model.parameters()], calls, model.eval().encode(img, txt)))
-        model.train()
-    (o1, g1, c1, e1), (o2, g2, c2, e2) = results
-    assert c1 == [23] and c2 == [3] * 7 + [2]
-    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-12)
+        try:
+            model.train().zero_grad()
+            out = model(img, txt)
+            (out * g).sum().backward()
+            codes = model.eval().encode(img, txt)
+        finally:
+            hook.remove()
+            torch.set_num_threads(before)
+        return out, [p.grad.clone() for p in model.parameters()], sorted(calls, reverse=True), codes
+
+    o1, g1, c1, e1 = run(1, 10**9)  # one pass, one thread
+    assert c1 == [23, 23]  # training, then encoding
     scale = max(g.abs().max().item() for g in g1)
-    for a, b in zip(g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * scale)
-    assert torch.equal(e1, e2) and not e1.requires_grad and e1.is_inference()
+    cases = {1: [(3 * 8, [3] * 7 + [2])], 2: [(10**9, [12, 11]), (3 * 8, [3] * 7 + [2])]}[threads]  # (rows, passes)
+    for rows, passes in cases:
+        out, grads, calls, codes = run(threads, rows)
+        assert calls == sorted(passes * 2, reverse=True)  # training, then encoding
+        torch.testing.assert_close(out, o1, rtol=1e-10, atol=1e-12)
+        for a, b in zip(grads, g1):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10 * scale)
+        assert torch.equal(codes, e1) and not codes.requires_grad and codes.is_inference()
+
+
+def test_training_in_parallel_passes_is_reproducible_with_dropout(monkeypatch):
+    """Dropout masks come from per-pass generators seeded in pass order: two runs from one seed agree exactly,
+    whichever thread ran which pass; every parameter gets a gradient; an encoder holding a plain nn.Dropout
+    is trained one pass after another instead."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(dmmh.DMMH, "rows_per_pass", 4 * 8)
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(1)
+        model = dmmh.create_model(image_dim=12, text_dim=9, n_bits=8, encoder="mamba", dim=16,
+                                  encoder_kwargs={"hidden": (16,), "dropout": 0.5})
+        img, txt = torch.randn(30, 12), torch.randn(30, 9)
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(7)
+            model.zero_grad()
+            out = model(img, txt)
+            out.square().sum().backward()
+            runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert torch.equal(runs[0][0], runs[1][0]) and all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+        assert all(g.abs().sum() > 0 for name, g in zip(dict(model.named_parameters()), runs[0][1]) if "encoders" in name)
+        torch.manual_seed(8)
+        assert not torch.equal(model(img, txt), runs[0][0])  # other seed, other masks
+        threads_seen = set()
+        model.encoders["text"].drop = torch.nn.Dropout(0.5)  # a random module the passes cannot seed
+        model.encoders["text"].register_forward_hook(lambda *a: threads_seen.add(__import__("threading").current_thread().name))
+        model(img, txt).sum().backward()
+        assert threads_seen == {"MainThread"}
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_dmmh_model_with_mamba_encoder_trains_a_step():

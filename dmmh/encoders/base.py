@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dmmh._checks import check_features
+from dmmh._passes import Dropout
 
 __all__ = ["Encoder", "TokenExpansion", "mlp"]
 
@@ -51,7 +52,7 @@ def mlp(in_dim: int, hidden: list[int] | tuple[int, ...], out_dim: int, dropout:
     for width in hidden:
         layers += [nn.Linear(prev, width), nn.ReLU(inplace=True)]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))  # nn.Dropout that trains in parallel passes (dmmh._passes)
         prev = width
     layers.append(nn.Linear(prev, out_dim))
     return nn.Sequential(*layers)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmmh._passes import Dropout
 from dmmh.encoders.base import Encoder, TokenExpansion, mlp
 from dmmh.ops.causal_conv1d import causal_conv1d_fn
 from dmmh.ops.selective_scan import BACKENDS, selective_scan_fn
@@ -154,7 +155,7 @@ class MambaEncoder(Encoder):
             Mamba(dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional, backend=backend)
             for _ in range(depth)
         )
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.norm_out = nn.LayerNorm(dim)
 
     def encode_tokens(self, x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dmmh._checks import check_same_batch
-from dmmh.models._passes import run_passes
+from dmmh._passes import encoder_in_passes, run_passes
 from dmmh.registry import ENCODERS, FUSIONS, HASH_HEADS
 
 __all__ = ["DMMH", "MODALITIES"]
@@ -35,15 +35,15 @@ class DMMH(nn.Module):
             modalities (chosen at random), so that the model learns to encode items from one
             modality alone (an extension of the paper, whose queries carry both).
 
-    On the CPU a batch goes through the model in passes of at most :attr:`rows_per_pass` tokens: each
-    pass's activations (a few MiB) stay in cache and reuse the memory of the previous pass, where one
-    pass over hundreds of items has the OS supply fresh pages for every activation (page faults then
-    cost about a fifth of the time) and its matrix products run at about 60 % of the machine's rate.
-    In eval mode without gradients (``encode``) an item's code never depends on the rest of its batch:
-    the passes go through the whole model and run on ``torch.get_num_threads()`` worker threads (see
-    :mod:`dmmh.models._passes`: no OpenMP synchronisation, so more threads are never slower). Otherwise
-    only the encoders go in passes, one after another, since BatchNorm and the pairwise losses see the
-    whole batch. Results change by float rounding only.
+    On the CPU a batch goes through the model in passes of at most :attr:`rows_per_pass` tokens, run
+    on ``torch.get_num_threads()`` worker threads with one intra-op thread each (:mod:`dmmh._passes`:
+    no OpenMP synchronisation, so more threads are never slower). Each pass's activations (a few MiB)
+    stay in cache and reuse the memory of the previous pass, where one pass over hundreds of items has
+    the OS supply fresh pages for every activation (page faults then cost about a fifth of the time)
+    and its matrix products run at about 60 % of the machine's rate. In eval mode without gradients
+    (``encode``) the passes go through the whole model: an item's code never depends on the rest of its
+    batch. Otherwise only the encoders go in passes (their forward and backward), since the fusion's
+    BatchNorm and the pairwise losses see the whole batch. Results change by float rounding only.
     """
 
     #: tokens (items x ``num_tokens``) per pass on the CPU
@@ -108,7 +108,7 @@ class DMMH(nn.Module):
 
     def _codes(self, inputs: dict[str, Tensor], step: int) -> Tensor:
         """Codes of a batch, its encoders taking ``step`` items at a time."""
-        tokens = {m: _in_passes(lambda rows: self.encoders[m](x[rows]), len(x), step) for m, x in inputs.items()}
+        tokens = {m: encoder_in_passes(self.encoders[m], x, step) for m, x in inputs.items()}
         if self.training and self.modality_dropout > 0 and len(tokens) == 2:
             tokens = self._drop_modalities(tokens)
         return self.head(self.fusion(list(tokens.values())))
@@ -127,9 +127,3 @@ class DMMH(nn.Module):
         keep = {"image": ~(dropped & which), "text": ~(dropped & ~which)}
         return {m: t * keep[m].to(t.dtype)[:, None, None] for m, t in tokens.items()}
 
-
-def _in_passes(fn, n: int, step: int) -> Tensor:
-    """``fn(rows)`` over ``n`` rows in slices of ``step`` rows, one after another, concatenated."""
-    if n <= step:
-        return fn(slice(None))
-    return torch.cat([fn(slice(i, i + step)) for i in range(0, n, step)])

@@ -12,10 +12,11 @@
 // channels is one vector and every loop over lanes compiles to SIMD code. B and C are either variable,
 // (b, G, n, l) with any strides (both share G, each group covering d / G channels), or constant, (d, n).
 //
-// Threads. Each call opens one parallel region (at::parallel_for) over large independent tasks: a
-// task owns whole rows (batch item x channel block, or x channel group in the scan's backward), keeps
-// its state in a small per-thread buffer and writes disjoint memory, so threads never share cache
-// lines in their inner loops. Calls too small to repay the region run on the calling thread.
+// Threads. Each call opens one parallel region (at::parallel_for) over large independent tasks, handed
+// out dynamically (see parallel_tasks): a task owns whole rows (batch item x channel block, or x channel
+// group in the scan's backward), keeps its state in a small per-thread buffer and writes disjoint memory,
+// so threads never share cache lines in their inner loops. Calls too small to repay the region run on
+// the calling thread.
 // Parameter gradients are summed per batch item and then over items, so results do not depend on the
 // number of threads.
 //
@@ -26,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -338,17 +340,25 @@ int64_t grain(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_task));
 }
 
-// at::parallel_for, except on a thread with one intra-op thread: there it runs f inline without calling
-// at::parallel_for, whose inlined first-use initialisation (one per library) would reset the thread's count
-// to torch's default (dmmh's pass workers set theirs to 1, see dmmh/models/_passes.py).
+// Tasks [0, tasks) in one parallel region (at::parallel_for over the threads), handed out in chunks of a few
+// tasks from a shared counter: a thread that is slow to be scheduled holds up at most one chunk, the others
+// take the rest. Calls with less work than two threads' minimum run inline. So does a thread with one
+// intra-op thread, without calling at::parallel_for: its inlined first-use initialisation (one per library)
+// would reset the thread's count to torch's default (dmmh's pass workers set theirs to 1, see
+// dmmh/models/_passes.py).
 template <typename F>
-void parallel_tasks(int64_t tasks, int64_t grain_size, const F& f) {
+void parallel_tasks(int64_t tasks, int64_t min_tasks_per_thread, const F& f) {
   if (tasks <= 0) return;
-  if (at::get_num_threads() == 1 || tasks <= grain_size) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks / std::max<int64_t>(1, min_tasks_per_thread));
+  if (threads <= 1) {
     f(0, tasks);
     return;
   }
-  at::parallel_for(0, tasks, grain_size, f);
+  const int64_t chunk = std::max<int64_t>(1, tasks / (8 * threads));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk)) < tasks;) f(begin, std::min(tasks, begin + chunk));
+  });
 }
 
 template <typename T, bool VB, bool VC>
