@@ -10,7 +10,8 @@ Items are independent in the encoders (and, in eval mode, in the whole model), s
 synchronisation is needed. Here the batch is cut into passes of a few MiB of activations each, which
 ``torch.get_num_threads()`` worker threads take from a queue, each running its passes from start to end
 with one intra-op thread: no thread ever waits for another inside a pass, a worker that is slowed down
-simply takes fewer passes, and each pass's arithmetic is that of a one-thread run.
+simply takes fewer passes, and each pass's arithmetic is that of a one-thread run, whatever the
+thread count. With one intra-op thread the passes run on a single worker, by the same path.
 
 - :func:`run_passes` (inference): ``fn`` over slices of the batch, results concatenated.
 - :func:`encoder_in_passes` (training): the forward passes run on the workers, recording their graphs;
@@ -18,9 +19,10 @@ simply takes fewer passes, and each pass's arithmetic is that of a one-thread ru
   order (so results do not depend on which thread ran what), and hands the sums to autograd as the
   gradients of one operation: hooks on the parameters (DDP's included) see one ordinary gradient.
 - :class:`Dropout`: ``nn.Dropout`` that, inside a training pass, draws its mask from the pass's own
-  generator, seeded from torch's generator in pass order: the same masks whichever thread runs the
-  pass, and however many threads there are. Encoders holding other random modules (``nn.Dropout``
-  itself, ...) are trained one pass after another on the calling thread.
+  generator, seeded from torch's generator in pass order: the same masks whichever thread runs which
+  pass, so seeded training is reproducible (the passes, hence the masks, depend on the thread count).
+  Encoders holding other random modules (``nn.Dropout`` itself, ...) are trained one pass after
+  another on the calling thread.
 
 Under a Python dispatch or function mode (``FlopCounterMode``, ...), which worker threads would not
 see, passes run one after another on the calling thread.
@@ -37,43 +39,43 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["run_passes", "encoder_in_passes", "Dropout"]
 
 
 def run_passes(fn: Callable[[slice], Tensor], n: int, step: int) -> Tensor:
-    """``fn(rows)`` for slices of at most ``step`` of the ``n`` rows, concatenated in order, on the
-    worker threads when there are several intra-op threads (then in at least that many passes). The
-    caller's grad, inference and autocast modes apply in the workers too."""
-    threads = _worker_count(n)
-    parts = _slices(n, step, threads)
+    """``fn(rows)`` for slices of at most ``step`` of the ``n`` rows (and at least one per intra-op thread),
+    concatenated in order, run on the worker threads. The caller's grad, inference and autocast modes
+    apply there too."""
+    workers = _workers()
+    parts = _slices(n, step, workers or 1)
     if len(parts) == 1:
         return fn(parts[0])
-    if threads == 1:
+    if not workers:
         return torch.cat([fn(rows) for rows in parts])
     state = _ThreadState.capture()
-    return torch.cat(list(_pool(threads).map(lambda rows: state.run(fn, rows), parts)))
+    return torch.cat(list(_pool(workers).map(lambda rows: state.run(fn, rows), parts)))
 
 
 def encoder_in_passes(encoder: nn.Module, x: Tensor, step: int) -> Tensor:
-    """``encoder(x)`` with ``x`` taken ``step`` rows at a time (for training, or any use with gradients);
-    with gradients and several intra-op threads the passes run on the worker threads. An encoder whose
+    """``encoder(x)`` with ``x`` taken ``step`` rows at a time (and at least one pass per intra-op thread),
+    for training or any use with gradients: the passes run on the worker threads. An encoder whose
     BatchNorm is training takes the whole batch at once (its statistics must see every item)."""
     n = x.shape[0]
     if encoder.training and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
         return encoder(x)
-    threads = _worker_count(n)
     params = [p for p in encoder.parameters() if p.requires_grad]
     random = [m for m in encoder.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
-    parallel = threads > 1 and torch.is_grad_enabled() and bool(params) and all(isinstance(m, Dropout) for m in random)
-    parts = _slices(n, step, threads if parallel else 1)
+    workers = _workers() if torch.is_grad_enabled() and params and all(isinstance(m, Dropout) for m in random) else None
+    parts = _slices(n, step, workers or 1)
     if len(parts) == 1:
         return encoder(x)
-    if not parallel:
+    if not workers:
         return torch.cat([encoder(x[rows]) for rows in parts])
     # one seed per pass, drawn here in pass order: the masks do not depend on which thread runs which pass
     seeds = torch.randint(2**62, (len(parts),)).tolist() if random else [None] * len(parts)
-    return _EncoderPasses.apply(encoder, parts, seeds, _ThreadState.capture(), _pool(threads), x, *params)
+    return _EncoderPasses.apply(encoder, parts, seeds, _ThreadState.capture(), _pool(workers), x, *params)
 
 
 class _EncoderPasses(torch.autograd.Function):
@@ -82,18 +84,30 @@ class _EncoderPasses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, encoder, parts, seeds, state, pool, x, *params):
+        out: list[Tensor] = []  # the whole batch's output, allocated by the first pass to finish
+        lock = threading.Lock()
+
         def forward_pass(i: int) -> tuple[Tensor, Tensor]:
             xi = x[parts[i]].detach().requires_grad_(x.requires_grad)
             with state.entered(grad=True), _pass_generator(seeds[i]):
-                return xi, encoder(xi)
+                yi = encoder(xi)
+            with lock:
+                if not out:
+                    out.append(yi.new_empty((x.shape[0], *yi.shape[1:])))
+            out[0][parts[i]] = yi.detach()  # copied by the worker: no operator on the calling thread
+            return xi, yi
 
         ctx.passes = list(pool.map(forward_pass, range(len(parts))))
         ctx.pool, ctx.params = pool, params
-        return torch.cat([out.detach() for _, out in ctx.passes])
+        return out[0]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         passes, params = ctx.passes, ctx.params
+        if passes is None:
+            raise RuntimeError("the encoders' passes were backpropagated already: a second backward (retain_graph=True) "
+                               "needs one intra-op thread, torch.set_num_threads(1), or DMMH.rows_per_pass above the batch")
         ctx.passes = None  # the graphs go once used
         grads = grad.split([len(out) for _, out in passes])
         with_x = passes[0][0].requires_grad
@@ -149,17 +163,14 @@ def _pass_generator(seed: int | None) -> Iterator[None]:
         _local.generator = before
 
 
-def _worker_count(n: int) -> int:
-    """Worker threads for ``n`` items: torch's intra-op thread count, 1 when there is nothing to share
-    or when a dispatch/function mode is active (workers would not see it)."""
-    threads = torch.get_num_threads()
-    if threads == 1 or n < 2:
-        return 1
+def _workers() -> int | None:
+    """Worker threads for the passes: torch's intra-op thread count; None (passes on the calling thread)
+    under a Python dispatch or function mode, which worker threads would not see."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     if _get_current_dispatch_mode() is not None or torch._C._is_torch_function_mode_enabled():
-        return 1
-    return threads
+        return None
+    return torch.get_num_threads()
 
 
 def _slices(n: int, step: int, threads: int) -> list[slice]:

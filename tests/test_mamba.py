@@ -265,3 +265,28 @@ def test_dmmh_model_trains_a_step_on_gpu():
         loss.backward()
         opt.step()
     assert torch.isfinite(loss) and loss.item() < first.item()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_training_and_encoding_on_cpu(tmp_path, precision):
+    """Lightning's bf16 precisions train the Mamba model on the CPU (C++ kernels taking bf16 activations),
+    and bf16 encoding gives codes that mostly agree with fp32 encoding."""
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    data = dmmh.SyntheticMultiLabel(num_train=128, num_query=32, num_database=256, image_dim=24, text_dim=12, num_classes=4, batch_size=32)
+    module = dmmh.DMMHModule(image_dim=24, text_dim=12, n_classes=4, n_bits=16, dim=16, encoder="mamba",
+                             encoder_kwargs={"hidden": (16,)})
+    before = module.model.encoders["image"].layers[0].A_log.detach().float().clone()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, precision=precision, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.fit(module, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert not torch.equal(module.model.encoders["image"].layers[0].A_log.detach().float(), before)
+    db = data.splits["database"]
+    x, y = torch.from_numpy(db.image), torch.from_numpy(db.text)
+    module.float()
+    fp32 = module.encode(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = module.encode(x, y)
+    assert bf16.dtype == torch.bfloat16 and (fp32 == bf16.float()).float().mean() > 0.9

@@ -1,11 +1,10 @@
 """Build (once per machine and source version, cached on disk) and load dmmh's C++ CPU kernels.
 
 The source is ``mamba_cpu.cpp`` beside this file (the selective scan and the causal convolution of the
-Mamba layer). It is compiled with torch's own
-extension builder (``torch.utils.cpp_extension``: ninja and a C++ compiler, as for ``torch.compile``)
-into ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), under a name that hashes the
-source, the flags, the torch version and the CPU, so a changed source or another machine builds
-afresh and a cached build loads in milliseconds. The operators ``torch.ops.dmmh.selective_scan_fwd``,
+Mamba layer). Torch's own extension builder (``torch.utils.cpp_extension``: ninja and a C++ compiler,
+as for ``torch.compile``) compiles it into ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) under a name that hashes the source, the flags, the torch version and
+the CPU, so a changed source or another machine builds afresh and a cached build loads in milliseconds. The operators ``torch.ops.dmmh.selective_scan_fwd``,
 ``selective_scan_bwd``, ``causal_conv1d_fwd`` and ``causal_conv1d_bwd`` are defined here, at import (with
 what ``FlopCounterMode`` counts for them); the library registers their CPU implementations. The first
 build takes about a minute; :func:`load` raises :class:`KernelUnavailable` with the compiler's message

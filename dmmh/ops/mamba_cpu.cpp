@@ -54,29 +54,34 @@ constexpr int kLanes = 64 / sizeof(T);  // channels per block: one 64-byte vecto
 
 // ---- elementwise functions written so that loops over lanes vectorise (no libm calls for float)
 
-LANE_FN float exp_lane(float x) {
-  // exp(x) = 2^k e^r with k = round(x / ln2), |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7
-  // (truncation < 2e-9 relative), computed as 2 * 2^(k-1) so that k - 1 >= -126 stays a normal float.
-  // Outside [-86.5, 88.72] the result is chosen at the end: 0 below (below 2.7e-38: flushed), inf above.
-  // NaN stays NaN (through r). No clamping first: it makes compilers predicate the whole polynomial.
-  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187045e-06f;
-  float p = 2.0f / 5040.0f;  // 2 e^r
-  p = p * r + 2.0f / 720.0f;
-  p = p * r + 2.0f / 120.0f;
-  p = p * r + 2.0f / 24.0f;
-  p = p * r + 2.0f / 6.0f;
-  p = p * r + 1.0f;
-  p = p * r + 2.0f;
-  p = p * r + 2.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 126) << 23;  // 2^(k-1)
+LANE_FN float exp2_lane(float t) {
+  // 2^t = 2^k 2^f with k = round(t), |f| <= 1/2; 2^f by a degree-6 polynomial fitted for relative error
+  // (1.9e-9, below float32 rounding), computed as (2 2^f) 2^(k-1) so that k - 1 >= -126 stays a normal float.
+  // Below 2^-124.8 (e^-86.5, 2.7e-38) results flush to 0, past 2^128 they are inf, NaN stays NaN (through f).
+  const float tm = t + 12582912.0f;  // 1.5 * 2^23: rounds t to the integer k, kept in tm's low mantissa bits
+  const float f = t - (tm - 12582912.0f);
+  float p = 3.0692500877194107e-04f;  // the coefficients of 2 * 2^f
+  p = p * f + 2.6799871120601892e-03f;
+  p = p * f + 1.9236974418163300e-02f;
+  p = p * f + 1.1100657284259796e-01f;
+  p = p * f + 4.8045292496681213e-01f;
+  p = p * f + 1.3862943649291992e+00f;
+  p = p * f + 2.0f;
+  int32_t bits;
+  std::memcpy(&bits, &tm, sizeof(bits));
+  bits = (bits - 0x4B400000 + 126) << 23;  // 2^(k-1)
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float e = x < -86.5f ? 0.0f : p * scale;
-  return x > 88.72283f ? std::numeric_limits<float>::infinity() : e;
+  const float e = t < -124.79f ? 0.0f : p * scale;
+  return t > 128.0f ? std::numeric_limits<float>::infinity() : e;
 }
 
-LANE_FN double exp_lane(double x) { return std::exp(x); }
+LANE_FN double exp2_lane(double t) { return std::exp2(t); }
+
+template <typename T>
+LANE_FN T exp_lane(T x) {
+  return exp2_lane(x * T(1.44269504088896340736));
+}
 
 LANE_FN float log1p_unit(float e) {
   // log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) <= 1/3, odd series to s^15
@@ -220,17 +225,18 @@ inline void store(T* dst, const T* __restrict__ src, int w) {
 }
 
 template <typename T>
-struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is A[c0 + i, k]
+struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is A[c0 + i, k]; A2 = A log2(e)
   static constexpr int W = kLanes<T>;
-  std::vector<T> A, Bc, Cc;
+  std::vector<T> A, A2, Bc, Cc;
   T D[W], bias[W];
-  explicit Lanes(int64_t n) : A(n * W), Bc(n * W), Cc(n * W) {}
+  explicit Lanes(int64_t n) : A(n * W), A2(n * W), Bc(n * W), Cc(n * W) {}
   void fill(const Problem<T>& P, const Block<T>& blk) {
     for (int64_t k = 0; k < P.n; ++k)
       FOR_LANES(i) {
         const bool on = i < blk.w;
         const int64_t c = blk.c0 + i;
         A[k * W + i] = on ? P.A[c * P.sAd + k * P.sAn] : T(0);
+        A2[k * W + i] = A[k * W + i] * T(1.44269504088896340736);
         Bc[k * W + i] = on && !P.B.variable ? P.B.p[c * P.B.sd + k * P.B.sn] : T(0);
         Cc[k * W + i] = on && !P.C.variable ? P.C.p[c * P.C.sd + k * P.C.sn] : T(0);
       }
@@ -266,21 +272,21 @@ inline void step_state(const Problem<T>& P, const Lanes<T>& L, const T* Bv, cons
   for (int64_t k = 0; k < P.n; ++k) {
     const T bk = VB ? Bv[k * P.B.sn + t * P.B.sl] : T(0);
     const T ck = VC ? Cv[k * P.C.sn + t * P.C.sl] : T(0);
-    const T* __restrict__ Ak = &L.A[k * W];
+    const T* __restrict__ A2k = &L.A2[k * W];
     const T* __restrict__ Bk = &L.Bc[k * W];
     const T* __restrict__ Ck = &L.Cc[k * W];
     T* __restrict__ xk = x + k * W;
     if (a) {
       T* __restrict__ ak = a + k * W;
       FOR_LANES(i) {
-        const T e = exp_lane(dt[i] * Ak[i]);
+        const T e = exp2_lane(dt[i] * A2k[i]);
         ak[i] = e;
         xk[i] = e * xk[i] + dtu[i] * (VB ? bk : Bk[i]);
         y[i] += xk[i] * (VC ? ck : Ck[i]);
       }
     } else {
       FOR_LANES(i) {
-        xk[i] = exp_lane(dt[i] * Ak[i]) * xk[i] + dtu[i] * (VB ? bk : Bk[i]);
+        xk[i] = exp2_lane(dt[i] * A2k[i]) * xk[i] + dtu[i] * (VB ? bk : Bk[i]);
         y[i] += xk[i] * (VC ? ck : Ck[i]);
       }
     }
