@@ -47,7 +47,7 @@ class DMMH(nn.Module):
     """
 
     #: tokens (items x ``num_tokens``) per pass on the CPU
-    rows_per_pass: int = 2048
+    rows_per_pass: int = 4096
 
     def __init__(
         self,
