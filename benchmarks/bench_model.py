@@ -108,8 +108,11 @@ def model_rows(rep: Report, encoder: str, bits: int, args, threads: tuple[int, .
     return out
 
 
-def checks(rep: Report, res: dict, default: int) -> None:
+def checks(rep: Report, res: dict, default: int, gemm: dict[int, float]) -> None:
     rep("")
+    rep(f"# {default}-thread GEMM ran at {gemm[default] / gemm[1]:.2f}x the 1-thread rate; against {default} x the 1-thread "
+        f"rate, {default}-thread encoding reaches {res['encode', 'fp32', default][1] * gemm[default] / (default * gemm[1]) * 100:.1f}%, "
+        f"training {res['train', 'fp32', default][1] * gemm[default] / (default * gemm[1]) * 100:.1f}%")
     rep("# issue 13 must-show (mamba, 64 bits, fp32):")
     for kind, target in (("encode", 0.50), ("train", 0.30)):
         rate, ratio = res[kind, "fp32", default]
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             results[encoder, bits] = model_rows(rep, encoder, bits, args, threads)
     torch.set_num_threads(default)
     if ("mamba", 64) in results and default > 1:
-        checks(rep, results["mamba", 64], default)
+        checks(rep, results["mamba", 64], default, args.gemm)
     if args.agreement_epochs:
         agreement(rep, args.agreement_epochs)
     rep(f"# whole run: {time.perf_counter() - start:.0f} s")
