@@ -30,8 +30,8 @@ see, passes run one after another on the calling thread.
 
 from __future__ import annotations
 
-import functools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -199,9 +199,16 @@ class _ThreadState:
             return fn(rows)
 
 
-@functools.lru_cache(maxsize=1)
+_POOL: dict[int, ThreadPoolExecutor] = {}  # at most one pool: {workers: pool}
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """``workers`` threads with one intra-op thread each (kept for the process; a new count makes a new pool)."""
+    """``workers`` threads with one intra-op thread each, kept for the process (a new count replaces them)."""
+    if workers in _POOL:
+        return _POOL[workers]
+    for old in _POOL.values():
+        old.shutdown(wait=False)
+    _POOL.clear()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dmmh-pass")
     default = torch.get_num_threads()
     # torch.set_num_threads sets the calling thread's OpenMP/MKL thread count and the default of threads
@@ -210,7 +217,12 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     barrier = threading.Barrier(workers)
     list(pool.map(lambda _: (_one_intra_op_thread(), barrier.wait()), range(workers)))
     torch.set_num_threads(default)
+    _POOL[workers] = pool
     return pool
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads
+    os.register_at_fork(after_in_child=_POOL.clear)
 
 
 def _one_intra_op_thread() -> None:

@@ -146,3 +146,34 @@ def test_second_backward_through_parallel_passes_says_what_to_do(threads):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated already.*set_num_threads"):
         loss.backward()
+
+
+def test_pool_follows_the_thread_count_and_forked_children_start_afresh(rng, threads):
+    import os
+
+    from dmmh import _passes
+
+    model = small_model(rng)
+    img, txt = torch.randn(40, 12), torch.randn(40, 9)
+    for n in (2, 3, 2):
+        threads(n)
+        model.encode(img, txt)
+        assert list(_passes._POOL) == [n]  # one pool, of the current size
+    if not hasattr(os, "fork"):
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pool, not the parent's threads (which do not exist here)
+        try:
+            ok = not _passes._POOL and torch.equal(model.encode(img, txt), model.encode(img, txt))
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    import select
+    import signal
+
+    ready, _, _ = select.select([read], [], [], 120)  # a child stuck on the parent's threads must fail, not hang
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert ready and os.read(read, 1) == b"1"
