@@ -43,7 +43,9 @@ class DMMH(nn.Module):
     and its matrix products run at about 60 % of the machine's rate. In eval mode without gradients
     (``encode``) the passes go through the whole model: an item's code never depends on the rest of its
     batch. Otherwise only the encoders go in passes (their forward and backward), since the fusion's
-    BatchNorm and the pairwise losses see the whole batch. Results change by float rounding only.
+    BatchNorm and the pairwise losses see the whole batch. Results change by float rounding only. An
+    encoder must therefore treat the items of its batch independently (a training BatchNorm in it is
+    detected and given the whole batch); ``model.rows_per_pass = 10**9`` turns passes off.
     """
 
     #: tokens (items x ``num_tokens``) per pass on the CPU
