@@ -88,6 +88,17 @@ def test_threaded_encoding_equals_one_thread(rng, threads, monkeypatch):
     assert torch.equal(model.encode(img, txt), model.encode(img, txt))
 
 
+def test_passes_can_be_turned_off(rng, threads, monkeypatch):
+    model = small_model(rng)
+    monkeypatch.setattr(model, "rows_per_pass", None)
+    seen = []
+    model.encoders["image"].register_forward_hook(lambda m, i, o: seen.append((threading.current_thread().name, len(o))))
+    threads(2)
+    model.encode(torch.randn(40, 12), torch.randn(40, 9))
+    model.train()(torch.randn(40, 12), torch.randn(40, 9)).sum().backward()
+    assert seen == [("MainThread", 40)] * 2
+
+
 def test_worker_threads_keep_the_callers_modes(rng, threads):
     """bf16 autocast and inference mode reach the workers; FLOPs are counted in full (no workers under a dispatch mode)."""
     model = small_model(rng)
@@ -144,7 +155,7 @@ def test_second_backward_through_parallel_passes_says_what_to_do(threads):
     model = dmmh.create_model(image_dim=12, text_dim=9, n_bits=8, encoder="mamba", dim=16, encoder_kwargs={"hidden": (16,)})
     loss = model(torch.randn(40, 12), torch.randn(40, 9)).sum()
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backpropagated already.*set_num_threads"):
+    with pytest.raises(RuntimeError, match="backpropagated already.*rows_per_pass = None"):
         loss.backward()
 
 

@@ -45,11 +45,12 @@ class DMMH(nn.Module):
     batch. Otherwise only the encoders go in passes (their forward and backward), since the fusion's
     BatchNorm and the pairwise losses see the whole batch. Results change by float rounding only. An
     encoder must therefore treat the items of its batch independently (a training BatchNorm in it is
-    detected and given the whole batch); ``model.rows_per_pass = 10**9`` turns passes off.
+    detected and given the whole batch); ``model.rows_per_pass = None`` turns passes off (one pass,
+    PyTorch's own intra-op parallelism).
     """
 
-    #: tokens (items x ``num_tokens``) per pass on the CPU
-    rows_per_pass: int = 4096
+    #: tokens (items x ``num_tokens``) per pass on the CPU; ``None``: no passes
+    rows_per_pass: int | None = 4096
 
     def __init__(
         self,
@@ -101,16 +102,17 @@ class DMMH(nn.Module):
         """Relaxed codes ``(B, n_bits)`` from whichever modalities are given."""
         inputs = {m: x for m, x in (("image", image), ("text", text)) if x is not None}
         n = check_same_batch({"image": image, "text": text})
-        if next(iter(inputs.values())).device.type != "cpu":
-            return self._codes(inputs, max(n, 1))
+        if next(iter(inputs.values())).device.type != "cpu" or self.rows_per_pass is None:
+            return self._codes(inputs, None)
         step = max(1, self.rows_per_pass // self.num_tokens)
         if self.training or torch.is_grad_enabled():
             return self._codes(inputs, step)
         return run_passes(lambda rows: self._codes({m: x[rows] for m, x in inputs.items()}, n), n, step)
 
-    def _codes(self, inputs: dict[str, Tensor], step: int) -> Tensor:
-        """Codes of a batch, its encoders taking ``step`` items at a time."""
-        tokens = {m: encoder_in_passes(self.encoders[m], x, step) for m, x in inputs.items()}
+    def _codes(self, inputs: dict[str, Tensor], step: int | None) -> Tensor:
+        """Codes of a batch, its encoders taking ``step`` items at a time (all at once: ``None``)."""
+        tokens = {m: self.encoders[m](x) if step is None else encoder_in_passes(self.encoders[m], x, step)
+                  for m, x in inputs.items()}
         if self.training and self.modality_dropout > 0 and len(tokens) == 2:
             tokens = self._drop_modalities(tokens)
         return self.head(self.fusion(list(tokens.values())))
