@@ -107,7 +107,7 @@ class _EncoderPasses(torch.autograd.Function):
         passes, params = ctx.passes, ctx.params
         if passes is None:
             raise RuntimeError("the encoders' passes were backpropagated already: a second backward (retain_graph=True) "
-                               "needs the encoders in one pass: model.rows_per_pass = None (or torch.set_num_threads(1))")
+                               "needs the encoders in one pass: set model.rows_per_pass = None")
         ctx.passes = None  # the graphs go once used
         grads = grad.split([len(out) for _, out in passes])
         with_x = passes[0][0].requires_grad
