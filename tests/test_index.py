@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -144,26 +147,75 @@ def test_bad_files(tmp_path):
             HammingIndex.load(path)
 
 
-@needs_faiss
-def test_faiss_export_import():
-    import faiss
+_FAISS_PATHS = textwrap.dedent(
+    """
+    import gc, sys
+    import faiss, numpy as np, torch
+    from dmmh.hashing import HammingIndex, pack_bits
 
-    rng = np.random.default_rng(2)
-    index = HammingIndex(48).add(make(rng, 100, 48, ties=True), rng.permutation(100) + 10_000)
-    exported = index.to_faiss()
-    q = make(rng, 7, 48, ties=True)
-    d, i = exported.search(pack_bits(q).numpy(), 12)
-    ours_d, ours_i = index.search(q, 12)
-    np.testing.assert_array_equal(d, ours_d.numpy())
-    np.testing.assert_array_equal(i, ours_i.numpy())
-    back = HammingIndex.from_faiss(exported)
-    assert torch.equal(back.codes, index.codes) and torch.equal(back.ids, index.ids)
-    flat = faiss.IndexBinaryFlat(48)
-    flat.add(pack_bits(q).numpy())
-    plain = HammingIndex.from_faiss(flat)
-    assert plain.ids.tolist() == list(range(7)) and torch.equal(plain.codes, pack_bits(q))
-    with pytest.raises(TypeError, match="IndexBinaryFlat"):
+    rng = np.random.default_rng(int(sys.argv[1]))
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], (300, 48)).astype(np.float32))
+    q = torch.from_numpy(rng.choice([-1.0, 1.0], (7, 48)).astype(np.float32))
+    ids = torch.from_numpy(rng.permutation(10**6)[:300].astype(np.int64))
+
+    def same(index, codes, ids, what):
+        assert len(index) == len(codes) and torch.equal(index.codes, codes) and torch.equal(index.ids, ids), what
+
+    def flat_of(codes):  # returned without any other reference: a temporary for the caller
+        flat = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+        flat.add(codes.numpy())
+        return flat
+
+    h = HammingIndex(48).add(x, ids)
+    for rep in range(20):  # use-after-free shows as garbage or a crash; repeat with collections between
+        same(HammingIndex.from_faiss(h.to_faiss()), h.codes, h.ids, "temporary IDMap")
+        exported = h.to_faiss()
+        gc.collect()
+        d, i = exported.search(pack_bits(q).numpy(), 12)
+        ours_d, ours_i = h.search(q, 12)
+        assert (d == ours_d.numpy()).all() and (i == ours_i.numpy()).all(), "exported search"
+        same(HammingIndex.from_faiss(exported), h.codes, h.ids, "IDMap")
+        same(HammingIndex.from_faiss(flat_of(h.codes)), h.codes, torch.arange(300), "temporary flat")
+        flat = flat_of(h.codes[:5])
+        same(HammingIndex.from_faiss(flat), h.codes[:5], torch.arange(5), "flat")
+        by_user = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(48))  # over a temporary flat index
+        by_user.add_with_ids(h.codes.numpy(), h.ids.numpy())
+        same(HammingIndex.from_faiss(by_user), h.codes, h.ids, "IDMap over a temporary")
+        blob = faiss.serialize_index_binary(h.to_faiss())
+        same(HammingIndex.from_faiss(faiss.deserialize_index_binary(blob)), h.codes, h.ids, "read back")
+        idmap2 = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(48))
+        idmap2.add_with_ids(h.codes[:9].numpy(), h.ids[:9].numpy())
+        same(HammingIndex.from_faiss(idmap2), h.codes[:9], h.ids[:9], "IDMap2")
+        gc.collect()
+    survivor = HammingIndex(48).add(x[:3], [7, 8, 9]).to_faiss()  # its HammingIndex is gone
+    gc.collect()
+    assert survivor.ntotal == 3 and survivor.index.ntotal == 3
+    assert faiss.vector_to_array(survivor.id_map).tolist() == [7, 8, 9]
+    assert survivor.search(pack_bits(x[:1]).numpy(), 1)[1].tolist() == [[7]]
+    path = sys.argv[2]
+    faiss.write_index_binary(h.to_faiss(), path)
+    same(HammingIndex.from_faiss(faiss.read_index_binary(path)), h.codes, h.ids, "file")
+    empty = HammingIndex.from_faiss(HammingIndex(16).to_faiss())
+    assert len(empty) == 0 and empty.n_bits == 16 and empty.codes.shape == (0, 2)
+    try:
         HammingIndex.from_faiss(faiss.IndexBinaryHash(48, 8))
+    except TypeError as e:
+        assert "IndexBinaryFlat" in str(e)
+    else:
+        raise AssertionError("IndexBinaryHash accepted")
+    print("FAISS-PATHS-OK")
+    """
+)
+
+
+@needs_faiss
+def test_faiss_conversions_in_every_form(rng, tmp_path):
+    """to_faiss / from_faiss on variables, temporaries, files, IDMap2; a subprocess, so a segfault fails the test."""
+    seed = int(rng.integers(2**31))
+    proc = subprocess.run([sys.executable, "-c", _FAISS_PATHS, str(seed), str(tmp_path / "f.index")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert "FAISS-PATHS-OK" in proc.stdout
 
 
 @pytest.mark.cuda

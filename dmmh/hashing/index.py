@@ -206,27 +206,42 @@ class HammingIndex:
     # ------------------------------------------------------------------ faiss interop
 
     def to_faiss(self):
-        """A ``faiss.IndexBinaryIDMap`` over an ``IndexBinaryFlat`` holding these codes and ids."""
+        """A ``faiss.IndexBinaryIDMap`` over an ``IndexBinaryFlat`` holding these codes and ids.
+
+        The id map owns its flat index (``own_fields``), so the returned object is self-contained:
+        it stays valid whatever happens to this index or to any Python proxy of the inner index.
+        """
         faiss = require("faiss", "HammingIndex.to_faiss")
-        out = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(self.n_bits))
+        flat = faiss.IndexBinaryFlat(self.n_bits)
+        out = faiss.IndexBinaryIDMap(flat)
+        flat.this.disown()  # C++ ownership moves to the id map, which frees it with itself
+        out.own_fields = True
         if len(self):
             out.add_with_ids(np.ascontiguousarray(self.codes.cpu().numpy()), self.ids.cpu().numpy())
         return out
 
     @classmethod
     def from_faiss(cls, index, backend: str = "auto", device: str | torch.device = "cpu") -> HammingIndex:
-        """Import a faiss ``IndexBinaryFlat`` (ids 0..N-1) or ``IndexBinaryIDMap`` over one."""
+        """Import a faiss ``IndexBinaryFlat`` (ids 0..N-1) or ``IndexBinaryIDMap`` over one (codes are copied)."""
         faiss = require("faiss", "HammingIndex.from_faiss")
-        index = faiss.downcast_IndexBinary(index)
-        ids = None
-        if isinstance(index, faiss.IndexBinaryIDMap):
-            ids = torch.from_numpy(faiss.vector_to_array(index.id_map).astype(np.int64))
-            index = faiss.downcast_IndexBinary(index.index)
-        if not isinstance(index, faiss.IndexBinaryFlat):
-            raise TypeError(f"from_faiss: expected IndexBinaryFlat or IndexBinaryIDMap over one, got {type(index).__name__}")
-        codes = faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size)
-        out = cls(index.d, backend=backend, device=device)
-        if index.ntotal:
-            out.add(torch.from_numpy(codes.copy()), ids)
+        # `index` (the caller's object, possibly a temporary) must stay referenced until the copies are
+        # made: downcasting returns a new proxy that does not own the C++ index, so rebinding the name to
+        # it would free the index under our feet.
+        outer = faiss.downcast_IndexBinary(index)
+        ids, flat = None, outer
+        if isinstance(outer, faiss.IndexBinaryIDMap):
+            ids = faiss.vector_to_array(outer.id_map).astype(np.int64)
+            flat = faiss.downcast_IndexBinary(outer.index)
+        if not isinstance(flat, faiss.IndexBinaryFlat):
+            raise TypeError(f"from_faiss: expected IndexBinaryFlat or IndexBinaryIDMap over one, got {type(flat).__name__}")
+        n, size = int(flat.ntotal), int(flat.code_size)
+        codes = faiss.vector_to_array(flat.xb)
+        if codes.size != n * size or size * 8 != flat.d or (ids is not None and len(ids) != n):
+            raise ValueError(
+                f"from_faiss: inconsistent faiss index (d={flat.d}, ntotal={n}, code_size={size}, "
+                f"{codes.size} code bytes, {'no' if ids is None else len(ids)} ids)"
+            )
+        out = cls(flat.d, backend=backend, device=device)
+        if n:
+            out.add(torch.from_numpy(codes.reshape(n, size)), None if ids is None else torch.from_numpy(ids))
         return out
-
