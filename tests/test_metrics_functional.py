@@ -143,7 +143,7 @@ def test_code_forms_give_the_same_map():
     relaxed = lambda b: torch.from_numpy(np.where(b, 1, -1) * rng.uniform(0.01, 1, b.shape))  # noqa: E731
     packed = lambda b: torch.from_numpy(np.packbits(b, axis=1, bitorder="little"))  # noqa: E731
     forms = [(pm1(qbits), pm1(dbits)), (relaxed(qbits), relaxed(dbits)), (packed(qbits), packed(dbits)),
-             (torch.from_numpy(qbits), torch.from_numpy(dbits)), (packed(qbits), pm1(dbits)), (pm1(qbits).to(torch.int8), pm1(dbits).float())]
+             (torch.from_numpy(qbits), torch.from_numpy(dbits)), (packed(qbits), pm1(dbits))]
     values = {F.mean_average_precision(q, d, *labels) for q, d in forms}
     assert len(values) == 1
     mean, _ = reference(qbits, dbits, yq, yd, (None,), 2, "zero", "retrieved")

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dmmh._checks import check_codes
 from dmmh._io import atomic_write
 from dmmh._optional import require
-from dmmh.hashing.packing import pack_bits
+from dmmh.hashing.packing import pack_unchecked as _pack_unchecked
 from dmmh.hashing.search import (
     BACKENDS,
     RangeResult,
@@ -54,7 +55,8 @@ class HammingIndex:
     """Exact Hamming index over ``n_bits``-bit codes (``n_bits % 8 == 0``).
 
     ``add`` takes packed uint8 codes ``(N, n_bits/8)`` or unpacked codes ``(N, n_bits)`` that are
-    floating (±1 or relaxed; ``x >= 0`` is bit 1) or bool. Results are ``(distances, ids)`` ordered by
+    floating (±1 or relaxed; ``x >= 0`` is bit 1) or bool, under dmmh's one rule for codes
+    (:func:`dmmh._checks.check_codes`: integer codes and NaN are refused). Results are ``(distances, ids)`` ordered by
     (distance, insertion position); ``backend`` is one of :data:`dmmh.hashing.search.BACKENDS`.
     Codes live on ``device`` (CPU by default; a CUDA index searches with the torch backend).
     """
@@ -108,15 +110,11 @@ class HammingIndex:
             raise ValueError(f"{what}: expected a matrix (N, bits or bytes), got shape {tuple(codes.shape)}")
         if codes.dtype == torch.uint8:
             packed = as_packed(codes, what)
-        elif codes.is_floating_point() or codes.dtype == torch.bool:
+        else:
+            check_codes(codes, what, packed_ok=True)
             if codes.shape[1] != self.n_bits:
                 raise ValueError(f"{what}: {codes.shape[1]} bits, the index holds {self.n_bits}-bit codes (shape {tuple(codes.shape)})")
-            packed = pack_bits(codes.to(self.device))
-        else:
-            raise ValueError(
-                f"{what}: dtype {codes.dtype} is ambiguous; pass packed uint8 (N, {self.n_bits // 8}), "
-                f"bool bits or ±1/relaxed floats (N, {self.n_bits})"
-            )
+            packed = _pack_unchecked(codes.to(self.device))
         if packed.shape[1] != self.n_bits // 8:
             raise ValueError(f"{what}: {packed.shape[1]} bytes per code, the index holds {self.n_bits // 8} ({self.n_bits} bits)")
         return packed.to(self.device)

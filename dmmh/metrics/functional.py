@@ -1,7 +1,9 @@
 """Retrieval metrics of Hamming ranking, exact as in the literature (DESIGN.md §3).
 
 Codes: ±1, relaxed (bit = ``x >= 0``), ``bool`` bits, or packed ``uint8`` ``(N, K/8)`` LSB-first
-(every ``uint8`` input is read as packed). Labels: multi-hot {0, 1}; an item is relevant to a query
+(every ``uint8`` input is read as packed). Other integer codes, floats holding only 0/1 and NaN are
+refused (dmmh's one rule for codes, :func:`dmmh._checks.check_codes`); to map NaN to bit 0, pack
+with ``pack_bits(codes, nan="zero")`` and pass the packed codes. Labels: multi-hot {0, 1}; an item is relevant to a query
 when they share at least one label. Ranking: ascending Hamming distance, ties broken by database
 index (a stable sort), as the MATLAB code behind the published tables does.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dmmh._checks import check_finite, check_labels
+from dmmh._checks import check_codes, check_labels
 from dmmh.hashing.packing import unpack_bits_ref
 from dmmh.metrics._ranking import RankingStats, distances, ranking_stats
 
@@ -42,24 +44,19 @@ EMPTY_POLICIES = ("zero", "exclude")
 NORMALIZERS = ("retrieved", "min", "relevant")
 
 
-def as_bits(codes, what: str = "codes") -> Tensor:
-    """Codes in any accepted form → bool bits ``(N, K)`` (packed ``uint8`` is unpacked LSB-first)."""
+def as_bits(codes, what: str = "codes", nan: str = "error") -> Tensor:
+    """Codes in any accepted form → bool bits ``(N, K)`` (packed ``uint8`` is unpacked LSB-first).
+
+    Unpacked codes follow dmmh's one rule (:func:`dmmh._checks.check_codes`): floats (±1 or relaxed)
+    or bool; integer codes, 0/1 floats and NaN (unless ``nan="zero"``: bit 0) are refused.
+    """
     x = torch.as_tensor(codes)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a matrix (items, bits), got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return unpack_bits_ref(x) > 0
-    if x.dtype == torch.bool:
-        return x
-    if x.is_complex():
-        raise TypeError(f"{what}: complex codes are not supported ({x.dtype})")
-    check_finite(x, what)
-    if x.numel() and bool(((x == 0) | (x == 1)).all()) and bool((x == 0).any()):
-        raise ValueError(
-            f"{what}: values are all 0/1, which the sign rule (x >= 0 → 1) would read as all ones; "
-            f"pass ±1 codes, bool bits, or packed uint8"
-        )
-    return x >= 0
+    check_codes(x, what, nan, packed_ok=True)
+    return x if x.dtype == torch.bool else x >= 0
 
 
 def _code_pair(query_codes, database_codes) -> tuple[Tensor, Tensor]:
