@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ import torch
 
 from dmmh._optional import available
 from dmmh.hashing import HammingIndex, IndexFileError, pack_bits
-from dmmh.hashing.index import MAGIC
+from dmmh.hashing.index import _HEADER, MAGIC, VERSION
 
 BACKENDS = ["numpy", "torch", "auto"] + (["faiss"] if available("faiss") else [])
 needs_faiss = pytest.mark.skipif(not available("faiss"), reason="faiss not installed")
@@ -145,6 +148,81 @@ def test_bad_files(tmp_path):
             HammingIndex.load(path)
         with pytest.raises(IndexFileError, match=str(path.name)):
             HammingIndex.load(path)
+
+
+def _load_within(path, seconds: float = 20.0):
+    """``HammingIndex.load(path)`` in a thread; returns the index or the exception. A load that waits
+    (on a FIFO) fails the test instead of blocking it: a writer is opened to release it."""
+    out = {}
+
+    def run():
+        try:
+            out["result"] = HammingIndex.load(path)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["result"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with open(path, "wb"):
+            pass
+        thread.join(seconds)
+        pytest.fail(f"HammingIndex.load({path}) blocked for {seconds} s")
+    return out["result"]
+
+
+def test_load_refuses_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe.dmmh"
+    os.mkfifo(fifo)
+    cases = {fifo: "a FIFO", tmp_path: "a directory"}
+    if os.path.exists("/dev/zero"):
+        cases[Path("/dev/zero")] = "a device"
+    for path, kind in cases.items():
+        err = _load_within(path)
+        assert isinstance(err, IndexFileError) and f"{path}: not a regular file ({kind}" in str(err), err
+
+
+def _peak_bytes(call) -> tuple[int, object]:
+    """Peak traced allocation (Python objects and numpy buffers) while ``call()`` runs, and its result or error."""
+    tracemalloc.start()
+    try:
+        try:
+            result = call()
+        except Exception as e:  # noqa: BLE001
+            result = e
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_load_checks_the_header_before_reading_the_body(tmp_path):
+    """A wrong path to a big file, or a header that declares more than the file holds, costs a header read."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB of zeros, no disk used
+    peak, err = _peak_bytes(lambda: HammingIndex.load(big))
+    assert isinstance(err, IndexFileError) and "not a dmmh HammingIndex file" in str(err)
+    assert peak < 1 << 20, peak
+    n = 1 << 40  # declared items: 16 TiB of payload in a 100-byte file
+    lying = tmp_path / "lying.dmmh"
+    lying.write_bytes(MAGIC + _HEADER.pack(VERSION, 64, n, n * 16) + bytes(100))
+    peak, err = _peak_bytes(lambda: HammingIndex.load(lying))
+    assert isinstance(err, IndexFileError) and f"truncated: 132 bytes, expected {32 + n * 16 + 32}" in str(err)
+    assert peak < 1 << 20, peak
+    with open(big, "r+b") as f:  # a valid header whose size matches the sparse file: read, then the checksum fails
+        f.write(MAGIC + _HEADER.pack(VERSION, 64, 10, 160))
+        f.truncate(32 + 160 + 32)
+    err = _load_within(big)
+    assert isinstance(err, IndexFileError) and "checksum mismatch" in str(err)
+
+
+def test_load_allocates_the_payload_once(tmp_path):
+    rng = np.random.default_rng(3)
+    path = HammingIndex(256).add(make(rng, 4000, 256)).save(tmp_path / "i.dmmh")
+    peak, index = _peak_bytes(lambda: HammingIndex.load(path))
+    assert isinstance(index, HammingIndex) and len(index) == 4000
+    assert peak < path.stat().st_size + (1 << 16), (peak, path.stat().st_size)  # not the file's bytes plus a copy
 
 
 _FAISS_PATHS = textwrap.dedent(

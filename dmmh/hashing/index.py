@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -174,31 +175,15 @@ class HammingIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | torch.device = "cpu") -> HammingIndex:
-        """Read a file written by :meth:`save`; foreign, truncated or corrupted files raise :class:`IndexFileError`."""
-        data = Path(path).read_bytes()
-        head = len(MAGIC) + _HEADER.size
-        if not data.startswith(MAGIC) and not MAGIC.startswith(data):
-            raise IndexFileError(f"{path}: not a dmmh HammingIndex file (starts with {data[:8]!r}, expected {MAGIC!r})")
-        if len(data) < head:
-            raise IndexFileError(f"{path}: truncated: {len(data)} bytes, the header alone needs {head}")
-        version, n_bits, n, n_payload = _HEADER.unpack_from(data, len(MAGIC))
-        if version != VERSION:
-            raise IndexFileError(f"{path}: format version {version}, this dmmh reads version {VERSION}")
-        expected = head + n_payload + _DIGEST
-        if n_bits < 8 or n_bits % 8 or n_payload != n * (n_bits // 8 + 8):
-            raise IndexFileError(f"{path}: inconsistent header (n_bits={n_bits}, items={n}, payload={n_payload} bytes)")
-        if len(data) != expected:
-            what = "truncated" if len(data) < expected else "has trailing bytes"
-            raise IndexFileError(f"{path}: {what}: {len(data)} bytes, expected {expected} for {n} codes of {n_bits} bits")
-        body = memoryview(data)[len(MAGIC) : head + n_payload]
-        if hashlib.sha256(body).digest() != data[-_DIGEST:]:
-            raise IndexFileError(f"{path}: checksum mismatch (corrupted file)")
-        n_code = n * (n_bits // 8)
-        codes = np.frombuffer(data, np.uint8, n_code, head).reshape(n, n_bits // 8)
-        ids = np.frombuffer(data, "<i8", n, head + n_code)
+        """Read a file written by :meth:`save`; foreign, truncated or corrupted files raise :class:`IndexFileError`.
+
+        Only regular files are opened (a FIFO or a device is refused without waiting on it). The magic and
+        header are read and checked against the file's size first, so a wrong path costs 32 bytes of
+        reading, and memory is allocated only for the payload the header declares and the file holds.
+        """
+        n_bits, codes, ids = _read_file(Path(path))
         index = cls(n_bits, backend=backend, device=device)
-        if n:
-            index.add(torch.from_numpy(codes.copy()), torch.from_numpy(ids.astype(np.int64)))
+        index._codes, index._ids = torch.from_numpy(codes).to(index.device), torch.from_numpy(ids).to(index.device)
         return index
 
     # ------------------------------------------------------------------ faiss interop
@@ -243,3 +228,52 @@ class HammingIndex:
         if n:
             out.add(torch.from_numpy(codes.reshape(n, size)), None if ids is None else torch.from_numpy(ids))
         return out
+
+
+def _open_regular(path: Path):
+    """``(binary file, size)`` of a regular file; anything else raises :class:`IndexFileError`."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below); no effect on files.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+        raise IndexFileError(f"{path}: not a regular file ({kind}); a HammingIndex is read from a file written by save()")
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def _read_exact(f, out: np.ndarray, path: Path) -> None:
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise IndexFileError(f"{path}: truncated while reading ({done} of {len(view)} bytes; did the file change?)")
+        done += got
+
+
+def _read_file(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n_bits, codes, ids)`` of an index file, header checked against the file size before the body is read."""
+    f, size = _open_regular(path)
+    with f:
+        head = f.read(len(MAGIC) + _HEADER.size)
+        if not head.startswith(MAGIC) and not MAGIC.startswith(head):
+            raise IndexFileError(f"{path}: not a dmmh HammingIndex file (starts with {head[:8]!r}, expected {MAGIC!r})")
+        if len(head) < len(MAGIC) + _HEADER.size:
+            raise IndexFileError(f"{path}: truncated: {size} bytes, the header alone needs {len(MAGIC) + _HEADER.size}")
+        version, n_bits, n, n_payload = _HEADER.unpack_from(head, len(MAGIC))
+        if version != VERSION:
+            raise IndexFileError(f"{path}: format version {version}, this dmmh reads version {VERSION}")
+        if n_bits < 8 or n_bits % 8 or n_payload != n * (n_bits // 8 + 8):
+            raise IndexFileError(f"{path}: inconsistent header (n_bits={n_bits}, items={n}, payload={n_payload} bytes)")
+        expected = len(head) + n_payload + _DIGEST
+        if size != expected:
+            what = "truncated" if size < expected else "has trailing bytes"
+            raise IndexFileError(f"{path}: {what}: {size} bytes, expected {expected} for {n} codes of {n_bits} bits")
+        codes, ids = np.empty((n, n_bits // 8), np.uint8), np.empty(n, "<i8")  # at most the file's size
+        digest = hashlib.sha256(head[len(MAGIC) :])
+        for part in (codes, ids):
+            _read_exact(f, part, path)
+            digest.update(part)
+        if digest.digest() != f.read(_DIGEST):
+            raise IndexFileError(f"{path}: checksum mismatch (corrupted file)")
+    return n_bits, codes, ids.astype(np.int64, copy=False)
