@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dmmh._optional import available
-from dmmh.hashing import HammingIndex, IndexFileError, hamming_distance_packed, hamming_knn, pack_bits, unpack_bits
+from dmmh.hashing import HammingIndex, IndexFileError, MultiIndex, hamming_distance_packed, hamming_knn, multi_index, pack_bits, unpack_bits
 from dmmh.hashing.index import _HEADER, MAGIC
 from dmmh.hashing.packing import pack_bits_ref
 from dmmh.metrics import functional as F
@@ -117,21 +117,30 @@ def brute_force_knn(q: np.ndarray, db: np.ndarray, k: int):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_knn_is_the_sort_by_distance_then_index(profile):
+    """Every scan backend, the index (auto, numpy, mih) and the multi-index enumeration alone."""
     def prop(case):
-        (q, db), k = case
+        (q, db), k, random = case
         want_d, want_i = brute_force_knn(q, db, k)
         for backend in SEARCH_BACKENDS:
             d, i = hamming_knn(q, db, k, backend=backend)
             np.testing.assert_array_equal(i.numpy(), want_i, err_msg=backend)
             np.testing.assert_array_equal(d.numpy(), want_d, err_msg=backend)
         ids = np.arange(len(db), dtype=np.int64) * 7 - 3  # arbitrary ids, mapped through
-        for backend in ("auto", "numpy"):
+        for backend in ("auto", "numpy", "mih"):
             index = HammingIndex(q.shape[1] * 8, backend=backend).add(db, ids)
             d, i = index.search(q, k)
-            np.testing.assert_array_equal(i.numpy(), ids[want_i])
-            np.testing.assert_array_equal(d.numpy(), want_d)
+            np.testing.assert_array_equal(i.numpy(), ids[want_i], err_msg=backend)
+            np.testing.assert_array_equal(d.numpy(), want_d, err_msg=backend)
+        if len(db):  # multi-index hashing by enumeration alone (no scan fallback), any substring count
+            m = random.randint(-(-q.shape[1] * 8 // 12), q.shape[1] * 8)
+            d, i = MultiIndex(db, m=m).knn(q, k)
+            np.testing.assert_array_equal(i.numpy(), want_i, err_msg=f"m={m}")
+            np.testing.assert_array_equal(d.numpy(), want_d, err_msg=f"m={m}")
 
-    check(profile, st.tuples(packed_sets(2), st.integers(1, 30)), prop)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(multi_index, "PROBE_COST", 0.0)
+        patch.setattr(multi_index, "CANDIDATE_COST", 0.0)
+        check(profile, st.tuples(packed_sets(2), st.integers(1, 30), st.randoms(use_true_random=False)), prop)
 
 
 # ---------------------------------------------------------------- mAP

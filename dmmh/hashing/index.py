@@ -25,6 +25,7 @@ from torch import Tensor
 from dmmh._checks import check_codes
 from dmmh._io import atomic_write
 from dmmh._optional import require
+from dmmh.hashing.multi_index import BUILD_COST, MultiIndex, predicted_work, substring_count
 from dmmh.hashing.packing import pack_unchecked as _pack_unchecked
 from dmmh.hashing.search import (
     BACKENDS,
@@ -40,7 +41,10 @@ from dmmh.hashing.search import (
     hamming_range_search,
 )
 
-__all__ = ["HammingIndex", "IndexFileError"]
+__all__ = ["HammingIndex", "IndexFileError", "INDEX_BACKENDS"]
+
+INDEX_BACKENDS = (*BACKENDS, "mih")
+MIH_MIN_SPEEDUP = 1.5  # auto picks mih only where the uniform-codes cost model predicts this speed-up
 
 MAGIC = b"DMMHHIX\0"
 VERSION = 1
@@ -58,20 +62,29 @@ class HammingIndex:
     ``add`` takes packed uint8 codes ``(N, n_bits/8)`` or unpacked codes ``(N, n_bits)`` that are
     floating (±1 or relaxed; ``x >= 0`` is bit 1) or bool, under dmmh's one rule for codes
     (:func:`dmmh._checks.check_codes`: integer codes and NaN are refused). Results are ``(distances, ids)`` ordered by
-    (distance, insertion position); ``backend`` is one of :data:`dmmh.hashing.search.BACKENDS`.
-    Codes live on ``device`` (CPU by default; a CUDA index searches with the torch backend).
+    (distance, insertion position), whatever the backend (:data:`INDEX_BACKENDS`): ``"faiss"``,
+    ``"numpy"``, ``"torch"`` scan every code (:mod:`dmmh.hashing.search`); ``"mih"`` searches a
+    :class:`~dmmh.hashing.multi_index.MultiIndex` (exact, sub-linear; CPU), built on its first search
+    after an add; ``"auto"`` picks torch on CUDA, else mih where the cost model
+    (:func:`~dmmh.hashing.multi_index.predicted_work`, uniform codes, the worst case) predicts it at least
+    :data:`MIH_MIN_SPEEDUP` times faster than a scan and the searches it sped up have paid for
+    building it, else the CPU scan (faiss when installed). Codes live on ``device`` (CPU by default).
     """
 
     def __init__(self, n_bits: int, backend: str = "auto", device: str | torch.device = "cpu"):
         if int(n_bits) != n_bits or n_bits < 8 or n_bits % 8:
             raise ValueError(f"HammingIndex: n_bits must be a positive multiple of 8, got {n_bits!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"HammingIndex: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in INDEX_BACKENDS:
+            raise ValueError(f"HammingIndex: backend must be one of {INDEX_BACKENDS}, got {backend!r}")
         self.n_bits, self.backend, self.device = int(n_bits), backend, torch.device(device)
+        if backend == "mih" and self.device.type != "cpu":
+            raise ValueError(f"HammingIndex: backend 'mih' runs on CPU, not {self.device}")
         self._codes = torch.zeros((0, self.n_bits // 8), dtype=torch.uint8, device=self.device)
         self._ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._pending: list[tuple[Tensor, Tensor]] = []
         self._faiss = None  # IndexBinaryFlat over the codes, built on first faiss search
+        self._mih: MultiIndex | None = None  # built on the first mih search after an add
+        self._mih_credit = 0.0  # auto: predicted scan work that mih would have saved so far
 
     def __len__(self) -> int:
         return self._codes.shape[0] + sum(len(i) for _, i in self._pending)
@@ -131,12 +144,25 @@ class HammingIndex:
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"HammingIndex.add: ids must be integers, got {ids.dtype}")
         self._pending.append((packed.contiguous(), ids.to(torch.int64).to(self.device)))
+        if len(packed):
+            self._mih, self._mih_credit = None, 0.0  # the multi-index no longer covers every code
         return self
 
-    def _backend(self) -> str:
+    def _backend(self, n_queries: int, k: int | None = None, radius: int | None = None) -> str:
+        """The backend a search runs on (``"auto"`` resolved as the class doc says)."""
         if self.backend != "auto":
             return self.backend
-        return "torch" if self.device.type == "cuda" else cpu_backend()
+        if self.device.type == "cuda":
+            return "torch"
+        n = len(self)
+        speedup = n / max(predicted_work(n, self.n_bits, k=k, radius=radius), 1.0)
+        if n == 0 or speedup < MIH_MIN_SPEEDUP:
+            return cpu_backend()
+        if self._mih is None:
+            self._mih_credit += n_queries * (n - n / speedup)
+            if self._mih_credit < BUILD_COST * substring_count(self.n_bits, n) * n:
+                return cpu_backend()
+        return "mih"
 
     def _faiss_index(self):
         self._flush()
@@ -144,22 +170,35 @@ class HammingIndex:
             self._faiss = _faiss_flat(self._codes)
         return self._faiss
 
+    def multi_index(self) -> MultiIndex:
+        """The :class:`~dmmh.hashing.multi_index.MultiIndex` over the codes (built now if needed)."""
+        self._flush()
+        if self._mih is None:
+            self._mih = MultiIndex(self._codes)
+        return self._mih
+
     def search(self, query, k: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:
         """``(distances int32, ids int64)``, each ``(Q, min(k, len(self)))``, nearest first."""
-        q, backend, k = self._pack(query, "HammingIndex.search"), self._backend(), check_k(k)
+        q, k = self._pack(query, "HammingIndex.search"), check_k(k)
+        backend = self._backend(len(q), k=k)
         if backend == "faiss" and len(self) and len(q):
             dist, pos = _faiss_knn(self._faiss_index(), q, min(k, len(self)))
+        elif backend == "mih" and len(self):
+            dist, pos = self.multi_index().knn(q, k)
         else:
-            dist, pos = hamming_knn(q, self.codes, k, backend=backend, chunk=chunk)
+            dist, pos = hamming_knn(q, self.codes, k, backend=_scan(backend), chunk=chunk)
         return dist, self.ids[pos]
 
     def range_search(self, query, radius: int, chunk: int | None = None) -> RangeResult:
         """Every item within Hamming distance ``radius`` (inclusive) of each query; ``indices`` are ids."""
-        q, backend, radius = self._pack(query, "HammingIndex.range_search"), self._backend(), check_radius(radius)
+        q, radius = self._pack(query, "HammingIndex.range_search"), check_radius(radius)
+        backend = self._backend(len(q), radius=radius)
         if backend == "faiss":
             res = _faiss_range(self._faiss_index(), q, radius)
+        elif backend == "mih" and len(self):
+            res = self.multi_index().range_search(q, radius)
         else:
-            res = hamming_range_search(q, self.codes, radius, backend=backend, chunk=chunk)
+            res = hamming_range_search(q, self.codes, radius, backend=_scan(backend), chunk=chunk)
         return res._replace(indices=self.ids[res.indices])
 
     # ------------------------------------------------------------------ persistence
@@ -228,6 +267,11 @@ class HammingIndex:
         if n:
             out.add(torch.from_numpy(codes.reshape(n, size)), None if ids is None else torch.from_numpy(ids))
         return out
+
+
+def _scan(backend: str) -> str:
+    """The scanning backend for ``backend`` (an empty index searched with "mih" scans nothing)."""
+    return "numpy" if backend == "mih" else backend
 
 
 def _open_regular(path: Path):
