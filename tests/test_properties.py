@@ -49,6 +49,7 @@ def plain_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 float_codes = st.tuples(st.integers(0, 12), st.integers(1, 12)).flatmap(
     lambda s: hnp.arrays(np.float32, (s[0], 8 * s[1]), elements=st.floats(width=32, allow_nan=False))
     | hnp.arrays(np.float32, (s[0], 8 * s[1]), elements=st.sampled_from([-1.0, 1.0, 0.0, -0.0]))
+    | hnp.arrays(np.float32, (s[0], 8 * s[1]), elements=st.sampled_from([0.0, 1.0]))  # bits stored as floats
 )
 
 
