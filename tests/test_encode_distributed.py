@@ -74,11 +74,11 @@ def test_two_process_encode_equals_single_process(ckpt, single, tmp_path):
 def test_two_processes_resume_shards_of_a_one_process_run(ckpt, single, tmp_path):
     two = tmp_path / "two.dmmh"
     done = HammingIndex.load(single)
-    # shards 0, 3 and 5 finished earlier (here: planted with the 1-process codes); the ranks split 1, 2, 4, 6
+    # shards 0-5 finished earlier (here: planted with the 1-process codes); rank 0 encodes shard 6, rank 1 nothing
     store = ShardStore(f"{two}.parts", record_of(json.loads(manifest_path(single).read_text())), 203, 32, 16)
     store.open()
-    for i in (0, 3, 5):
+    for i in range(6):
         r = store.ranges[i]
         store.write(i, done.codes[r.start:r.stop], done.ids[r.start:r.stop])
-    assert "7 shard(s), 3 reused, 2 process(es) writing 2+2," in run_encode(ckpt, two, 2)
+    assert "7 shard(s), 6 reused, 2 process(es) writing 1+0," in run_encode(ckpt, two, 2)
     assert single.read_bytes() == two.read_bytes()

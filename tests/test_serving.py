@@ -129,10 +129,10 @@ def test_encode_equals_batchwise_reference_and_writes_manifest(ckpts, tmp_path, 
     assert m["model"]["modalities"] == {"image": {"encoder": "mlp", "input": "features", "width": 24},
                                         "text": {"encoder": "mlp", "input": "features", "width": 12}}
     assert "items" not in m  # not a pairs collection
-    assert res.shards == -(-203 // shard) and res.shards_reused == 0 and not res.up_to_date
+    assert res.shards == -(-203 // shard) and res.shards_reused == 0 and res.items_encoded == 203 and not res.up_to_date
     assert not Path(f"{tmp_path}/idx.dmmh.parts").exists()  # removed once merged
     again = encode(ckpts["a"], tmp_path / "idx.dmmh", batch_size=batch, shard_size=shard)
-    assert again.up_to_date and again.manifest == m
+    assert again.up_to_date and again.manifest == m and again.items_encoded == 0
 
 
 def test_encode_resumes_from_verified_shards(ckpts, tmp_path):
@@ -148,7 +148,7 @@ def test_encode_resumes_from_verified_shards(ckpts, tmp_path):
     shards[1].write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=f"{shards[1].name}.*checksum"):
         res = encode(ckpts["a"], out, batch_size=16, shard_size=32)
-    assert res.shards == 7 and res.shards_reused == 2
+    assert res.shards == 7 and res.shards_reused == 2 and res.items_encoded == 203 - 64
     assert out.read_bytes() == Path(fresh.path).read_bytes()  # identical settings: identical file
 
 
@@ -279,9 +279,9 @@ def test_search_refuses_what_it_cannot_answer(feature_index, ckpts, tmp_path):
     np.savez(tmp_path / "other.npz", img=np.zeros(24, np.float32))
     with pytest.raises(ValueError, match=r"neither an 'image' nor a 'text' array \(keys: \['img'\]\)"):
         s.features(tmp_path / "other.npz")
-    with pytest.raises(ValueError, match="reads text as features .* --features FILE with an 'text' array of width 12"):
+    with pytest.raises(ValueError, match="reads text as features .* --features FILE holding 'text' features of width 12"):
         s.captions(["a cat"])
-    with pytest.raises(ValueError, match="--features FILE with an 'image' array of width 24"):
+    with pytest.raises(ValueError, match="--features FILE holding 'image' features of width 24"):
         s.images(["cat.png"])
     with pytest.raises(IndexError, match=r"item 203 is not in split 'database' .* \(203 items"):
         s.items([203])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from dmmh.data.base import SPLITS
 from dmmh.serving import Collection, encode_index
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", help="pairs folder, DataModule name (dmmh.list_datamodules()) or class path pkg.module.Class")
     p.add_argument("-c", "--config", help="LightningCLI YAML whose data section (class_path, init_args) names the collection")
     p.add_argument("--data-args", default="{}", help="JSON dict of DataModule arguments (over the config's)")
-    p.add_argument("--split", default="database", choices=("database", "query", "train"), help="split to index")
+    p.add_argument("--split", default="database", choices=SPLITS, help="split to index")
     p.add_argument("--out", required=True, help="index file to write (its manifest goes to OUT.json)")
     p.add_argument("--batch-size", type=int, help="items per forward pass (default: the DataModule's eval_batch_size)")
     p.add_argument("--shard-size", type=int, help="items per shard, the unit of resumption (a multiple of the batch size)")

@@ -51,6 +51,7 @@ class EncodeResult:
     path: Path
     manifest: dict[str, Any]
     n_items: int
+    items_encoded: int  # by this call (the others were in reused shards)
     shards: int
     shards_reused: int
     world_size: int
@@ -60,9 +61,8 @@ class EncodeResult:
 
     @property
     def items_per_second(self) -> float:
-        """Items encoded in this call per second of the whole call (loading and merging included)."""
-        done = 0 if self.up_to_date else self.n_items * (1 - self.shards_reused / max(self.shards, 1))
-        return done / self.seconds if self.seconds > 0 else float("nan")
+        """Items encoded by this call per second of the whole call (loading and merging included)."""
+        return self.items_encoded / self.seconds if self.seconds > 0 else float("nan")
 
 
 class _Shards(L.LightningDataModule):
@@ -199,11 +199,12 @@ def encode_index(ckpt: str | Path, collection: Collection, out: str | Path, *, b
     done = _up_to_date(out, record, overwrite)
     if done is not None:
         shards = -(-n // shard_size)
-        return EncodeResult(out, done, n, shards, shards, done["encoding"].get("world_size", 1), [],
+        return EncodeResult(out, done, n, 0, shards, shards, done["encoding"].get("world_size", 1), [],
                             time.perf_counter() - start, up_to_date=True)
     store = ShardStore(Path(f"{out}.parts"), record, n, shard_size, n_bits)
     store.check(overwrite)
 
+    module.allow_zero_length_dataloader_with_multiple_devices = True  # a rank may have no shard left to encode
     data = _Shards(dataset, store, batch_size, dm.num_workers, overwrite)
     writer = _ShardWriter(store)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
@@ -211,10 +212,11 @@ def encode_index(ckpt: str | Path, collection: Collection, out: str | Path, *, b
                         enable_progress_bar=progress, use_distributed_sampler=False, callbacks=[writer, *callbacks])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*all_gather is deprecated.*")  # torch's, about Lightning's all_gather
         trainer.predict(module, datamodule=data, return_predictions=False)
-    writer.check_done(trainer)
-    # waits for every rank's last shard, and tells rank 0 how many each wrote
-    per_rank = trainer.strategy.all_gather(torch.tensor(writer.written)).reshape(-1).tolist()
+        writer.check_done(trainer)
+        # waits for every rank's last shard, and tells rank 0 how many each wrote
+        per_rank = trainer.strategy.all_gather(torch.tensor(writer.written)).reshape(-1).tolist()
     if trainer.global_rank != 0:
         return None
     index = store.merge()
@@ -226,5 +228,6 @@ def encode_index(ckpt: str | Path, collection: Collection, out: str | Path, *, b
         manifest["items"] = items
     write_manifest(out, manifest)
     store.remove()
-    return EncodeResult(out, manifest, n, len(store.ranges), len(store.ranges) - len(data.pending), trainer.world_size,
-                        per_rank, time.perf_counter() - start)
+    encoded = sum(len(store.ranges[i]) for i in data.pending)
+    return EncodeResult(out, manifest, n, encoded, len(store.ranges), len(store.ranges) - len(data.pending),
+                        trainer.world_size, per_rank, time.perf_counter() - start)

@@ -27,7 +27,7 @@ from dmmh.serving.model import load_model, model_fingerprint
 __all__ = ["Searcher", "read_features"]
 
 HINTS = {"images": "--image PATH (images=)", "captions": "--caption TEXT (captions=)",
-         "features": "--features FILE with an '{m}' array of width {w} (features=)"}
+         "features": "--features FILE holding '{m}' features of width {w} (features=)"}
 
 
 def read_features(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -148,10 +148,11 @@ class ShardStore:
         if missing:
             raise ShardError(f"{len(missing)} shard(s) missing after encoding, e.g. {missing[0]}: every process must "
                              f"write to a folder the merging process (rank 0) sees (a shared filesystem on several nodes)")
-        shards = [self.load(i) for i in range(len(self.ranges))]
-        codes = torch.cat([s.codes for s in shards])
-        ids = torch.cat([s.ids for s in shards])
-        return HammingIndex(self.n_bits).add(codes, ids)
+        index = HammingIndex(self.n_bits)
+        for i in range(len(self.ranges)):
+            shard = self.load(i)
+            index.add(shard.codes, shard.ids)
+        return index
 
     def remove(self) -> None:
         if self.folder.is_dir():
