@@ -303,8 +303,26 @@ def test_search_refuses_what_it_cannot_answer(feature_index, ckpts, tmp_path):
     dmmh.hashing.HammingIndex(16).add(torch.zeros(3, 2, dtype=torch.uint8)).save(bare)
     with pytest.raises(ManifestError, match="checksum differs"):
         Searcher(bare)
-    with pytest.raises(SystemExit):
-        search_cmd.main(["--index", str(feature_index), "--item", "1", "--caption", "x"])
+    with pytest.raises(ValueError, match="needs an image and/or a text"):
+        s.search(k=3)
+    for argv in (["--item", "1", "--caption", "x"], ["--caption", "a", "--caption", "b", "--image", "x.png"], []):
+        with pytest.raises(SystemExit):
+            search_cmd.main(["--index", str(feature_index), *argv])
+
+
+def test_encode_command_arguments(ckpts, tmp_path, capsys):
+    base = ["--ckpt", str(ckpts["a"]), "--out", str(tmp_path / "i.dmmh"), "--no-progress", "--accelerator", "cpu"]
+    for bad in (["--data", "synthetic", "--data-args", "[1]"], ["--data", "synthetic", "--data-args", "{x"], []):
+        with pytest.raises(SystemExit):
+            encode_cmd.main(base + bad)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"data": {"class_path": "dmmh.data.SyntheticMultiLabel", "init_args": SYNTH}}))  # YAML ⊃ JSON
+    encode_cmd.main(base + ["-c", str(cfg), "--split", "query", "--data-args", '{"noise": 0.5}'])
+    assert "24 items, 16 bits, 1 shard(s), 0 reused, 1 process(es) writing 1," in capsys.readouterr().out
+    m = read_manifest(tmp_path / "i.dmmh")
+    assert m["collection"]["split"] == "query" and m["collection"]["init_args"] == {**SYNTH, "noise": 0.5}
+    encode_cmd.main(base + ["-c", str(cfg), "--split", "query", "--data-args", '{"noise": 0.5}'])
+    assert "is up to date (24 items, 16 bits)" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------ search, pairs (CLIP) model

@@ -112,6 +112,9 @@ class _ShardWriter(BasePredictionWriter):
             self.queue = list(trainer.datamodule.mine)
         if not self.queue:
             raise RuntimeError("a batch arrived after this rank's last shard")
+        if prediction.get("index") is None:
+            raise ValueError("encoding needs batches with an 'index' entry (each item's position in its split), as "
+                             "dmmh's datasets give")
         self.codes.append(pack_bits(prediction["codes"]).cpu())
         self.ids.append(prediction["index"].cpu().to(torch.int64))
         have, shard = sum(len(i) for i in self.ids), self.queue[0]

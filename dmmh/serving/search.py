@@ -144,6 +144,8 @@ class Searcher:
     @torch.no_grad()
     def encode(self, image: Tensor | None = None, text: Tensor | None = None, batch_size: int = 1024) -> Tensor:
         """±1 codes ``(Q, n_bits)`` of the queries from whichever modalities are given."""
+        if image is None and text is None:
+            raise ValueError("a query needs an image and/or a text input")
         n = (image if image is not None else text).shape[0]
         parts = []
         for s in range(0, n, batch_size):
