@@ -20,14 +20,13 @@ import hashlib
 import json
 import os
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dmmh._io import atomic_write
+from dmmh._io import atomic_write, write_npz
 from dmmh.data.pairs import PairsDataModule
 from dmmh.data.readers import SPLIT_KEYS
 
@@ -35,7 +34,6 @@ __all__ = ["extract_features", "read_extraction_meta", "write_npz", "FORMAT_VERS
 
 FORMAT_VERSION = 1
 META_KEY = "dmmh_extraction"  # npz entry / safetensors metadata key holding the JSON record
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that equal arrays give equal .npz bytes
 
 
 def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, batch_size: int = 64,
@@ -160,19 +158,6 @@ def _load_chunk(parts: Path, c: int) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
     except Exception as exc:
         raise ValueError(f"{path}: unreadable cached chunk ({exc}); delete it to recompute it") from exc
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Uncompressed ``.npz`` with fixed timestamps (reproducible bytes), written atomically."""
-
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-            for key in sorted(arrays):
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
-                with zf.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(arrays[key]), allow_pickle=False)
-
-    atomic_write(path, write)
 
 
 def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
