@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_dir", "write_npz"]
+__all__ = ["atomic_write", "atomic_dir", "write_npz", "temp_sibling", "remove_stale_temporaries"]
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that equal arrays give equal .npz bytes
@@ -46,7 +46,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object] | 
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except FileNotFoundError:
         mode = None
-    tmp = _temp_name(path)
+    tmp = temp_sibling(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as f:
@@ -80,7 +80,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = _temp_name(path)
+    tmp = temp_sibling(path)
     os.mkdir(tmp)  # 0o777 less the umask
     try:
         yield tmp
@@ -141,7 +141,9 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path
     return atomic_write(path, write)
 
 
-def _temp_name(path: Path) -> Path:
+def temp_sibling(path: Path) -> Path:
+    """A fresh temporary name beside ``path``, removable by :func:`remove_stale_temporaries` once
+    this process has died."""
     return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 

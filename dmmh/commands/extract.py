@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from dmmh.chunks import ChunkStoreBusy
 from dmmh.data.pairs import PairsDataModule
 from dmmh.extract import extract_features
 
@@ -37,5 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     backbone = ClipBackbone(a.model, a.pretrained, config, normalize=not a.no_normalize)
     data = PairsDataModule(a.root, a.metadata, labels=a.labels, tag_sep=a.tag_sep, num_query=a.num_query, seed=a.seed,
                            on_bad_row=a.on_bad_row, transform=backbone.transform, tokenizer=backbone.tokenize)
-    path = extract_features(data, backbone, a.out, a.batch_size, a.chunk_size, a.device, progress=not a.no_progress)
+    try:
+        path = extract_features(data, backbone, a.out, a.batch_size, a.chunk_size, a.device, progress=not a.no_progress)
+    except ChunkStoreBusy as exc:  # another run writes the same output: say so, without a traceback
+        sys.exit(f"dmmh extract: {exc}")
     print(f"wrote {path}")
