@@ -26,8 +26,7 @@ def setup(tmp_path, seed=0, n=5):
     make_pairs_folder(tmp_path, n, "jsonl")
     torch.manual_seed(seed)
     bb = ClipBackbone(TINY_NAME, model_config=TINY_CLIP)
-    dm = PairsDataModule(str(tmp_path), transform=bb.transform, tokenizer=bb.tokenize, num_query=2, seed=1,
-                         cache_dir=str(tmp_path / ".hf"))
+    dm = PairsDataModule(str(tmp_path), transform=bb.transform, tokenizer=bb.tokenize, num_query=2, seed=1)
     return bb, dm
 
 
@@ -277,7 +276,7 @@ def test_fingerprints_do_not_depend_on_how_paths_are_typed(tmp_path, monkeypatch
     data.mkdir()
     make_pairs_folder(data, 5, "jsonl")
     os.symlink(data, tmp_path / "link")
-    kw = dict(transform=a.transform, tokenizer=a.tokenize, num_query=2, seed=1, cache_dir=str(tmp_path / ".hf"))
+    kw = dict(transform=a.transform, tokenizer=a.tokenize, num_query=2, seed=1)
     roots = [str(data), "data", "./data/", str(tmp_path / "link"), "link"]
     modules = [PairsDataModule(root, **kw) for root in roots]
     for m in modules:
