@@ -203,6 +203,14 @@ def test_shard_store_verifies_what_it_reuses(tmp_path):
     (other.folder / "meta.json").write_text("{not json")
     with pytest.raises(ShardError, match="meta.json: unreadable"):
         other.check()
+    # a folder (or file) of that name not made by dmmh encode is left alone unless overwrite
+    for n, make in enumerate((lambda p: p.mkdir(), lambda p: p.write_text("x"))):
+        mine = ShardStore(tmp_path / f"r{n}", record, 10, 4, 16)
+        make(mine.folder)
+        with pytest.raises(ShardError, match="not a parts folder of dmmh encode"):
+            mine.open()
+        mine.open(overwrite=True)
+        assert mine.pending() == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------ collection
@@ -210,9 +218,9 @@ def test_shard_store_verifies_what_it_reuses(tmp_path):
 def test_collection_resolves_folders_names_class_paths_and_configs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pairs").mkdir()
-    c = Collection.resolve("pairs", {"cache_dir": "hf"})
+    c = Collection.resolve("pairs", {"metadata": "pairs/meta.csv"})
     assert c.class_path == "dmmh.data.pairs.PairsDataModule"
-    assert c.init_args == {"root": str(tmp_path / "pairs"), "cache_dir": str(tmp_path / "hf")}  # absolute
+    assert c.init_args == {"root": str(tmp_path / "pairs"), "metadata": str(tmp_path / "pairs/meta.csv")}  # absolute
     assert Collection.resolve("mir", {"root": "x.mat"}).class_path == "dmmh.data.benchmarks.MIRFlickr25K"
     assert Collection.resolve("dmmh.data.SyntheticMultiLabel").class_path == "dmmh.data.synthetic.SyntheticMultiLabel"
     cfg = tmp_path / "c.yaml"
@@ -349,7 +357,7 @@ def pairs_index(tmp_path_factory):
     trainer.save_checkpoint(root / "model.ckpt")
     out = root / "index.dmmh"
     encode_cmd.main(["--ckpt", str(root / "model.ckpt"), "--data", str(folder), "--out", str(out), "--no-progress",
-                     "--accelerator", "cpu", "--data-args", json.dumps({"tags_column": None, "cache_dir": str(root / "hf")})])
+                     "--accelerator", "cpu", "--data-args", json.dumps({"tags_column": None})])
     return out, [dm.table.paths[i] for i in range(8)], [dm.table.captions[i] for i in range(8)]
 
 

@@ -6,8 +6,9 @@ items whatever the number of processes). Each shard is a :class:`~dmmh.hashing.H
 file (codes + ids, checksummed, written atomically) named after the run, whose ``meta.json``
 holds the record of what fixes the codes (see :mod:`dmmh.serving.manifest`) and a random run id.
 
-Reuse is verified: a folder with another record is refused, naming the field that differs
-(``overwrite`` discards it); a finished shard is reused only if it loads (checksum), has the
+Reuse is verified: a folder with another record, or one without ``meta.json`` (not made here),
+is refused, naming the field that differs (``overwrite`` discards it); the folder is created with
+its ``meta.json`` in place (:func:`dmmh._io.atomic_dir`); a finished shard is reused only if it loads (checksum), has the
 run's bit length and holds exactly its positions as ids, in order. A shard that fails is
 encoded again, with a warning naming the file and the reason. Files of other runs are ignored.
 """
@@ -15,6 +16,7 @@ encoded again, with a warning naming the file and the reason. Files of other run
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import warnings
@@ -23,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from dmmh._io import atomic_write
+from dmmh._io import atomic_dir
 from dmmh.hashing.index import HammingIndex, IndexFileError
 from dmmh.serving.manifest import record_difference
 
@@ -66,8 +68,11 @@ class ShardStore:
         return self.folder / f"shard-{self.run_id}-{i:06d}.dmmh"
 
     def _read_meta(self) -> dict[str, Any] | None:
-        if not self.meta_path.exists():
+        if not os.path.lexists(self.folder):
             return None
+        if not self.folder.is_dir() or not self.meta_path.exists():
+            raise ShardError(f"{self.folder} exists but is not a parts folder of dmmh encode (no meta.json); delete it "
+                             f"or pass overwrite (--overwrite)")
         try:
             meta = json.loads(self.meta_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -80,8 +85,6 @@ class ShardStore:
         """Read-only: refuse a folder holding another encoding's shards (unless ``overwrite``)."""
         if overwrite:
             return
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ShardError(f"{self.folder} exists and is not a folder")
         meta = self._read_meta()
         if meta is not None:
             diff = record_difference(meta.get("record"), self.record)
@@ -102,10 +105,10 @@ class ShardStore:
             self.run_id = meta["run_id"]
             return
         self.remove()
-        self.folder.mkdir(parents=True)
         self.run_id = secrets.token_hex(8)
         meta = {"format": FORMAT, "version": VERSION, "run_id": self.run_id, "record": self.record}
-        atomic_write(self.meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+        with atomic_dir(self.folder) as tmp:  # the folder appears with its meta.json in place
+            (tmp / self.meta_path.name).write_text(json.dumps(meta, indent=1) + "\n")
 
     def load(self, i: int) -> HammingIndex:
         """Shard ``i``, verified (raises :class:`ShardError`)."""
@@ -155,7 +158,7 @@ class ShardStore:
         return index
 
     def remove(self) -> None:
-        if self.folder.is_dir():
+        if self.folder.is_dir() and not self.folder.is_symlink():
             shutil.rmtree(self.folder)
-        elif self.folder.exists():
+        elif os.path.lexists(self.folder):
             self.folder.unlink()
