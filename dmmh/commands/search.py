@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> list:
     if a.item:
         modalities = [m.strip() for m in a.modalities.split(",") if m.strip()]
         inputs = searcher.items(a.item, a.split, modalities)
-        described = [{"item": i, "split": a.split or searcher.manifest["collection"]["split"], "modalities": modalities} for i in a.item]
+        split = a.split or searcher.manifest["collection"]["split"]
+        described = [{"item": i, "split": split, "modalities": modalities} for i in a.item]
     elif a.features:
         inputs = searcher.features(a.features)
         n = len(next(iter(inputs.values())))

@@ -136,7 +136,8 @@ class Searcher:
         dataset = c.datamodule(self.module).dataset(split)
         for i in ids:
             if not 0 <= int(i) < len(dataset):
-                raise IndexError(f"item {i} is not in split {split!r} of {c.class_path} ({len(dataset)} items, ids 0..{len(dataset) - 1})")
+                raise IndexError(f"item {i} is not in split {split!r} of {c.class_path} "
+                                 f"({len(dataset)} items, ids 0..{len(dataset) - 1})")
         rows = [dataset[int(i)] for i in ids]
         return {m: torch.stack([r[m] for r in rows]) for m in modalities}
 

@@ -78,7 +78,8 @@ class ShardStore:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardError(f"{self.meta_path}: unreadable ({exc}); delete {self.folder} or pass overwrite") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION or "run_id" not in meta:
-            raise ShardError(f"{self.meta_path}: not a dmmh parts folder of version {VERSION}; delete {self.folder} or pass overwrite")
+            raise ShardError(f"{self.meta_path}: not a dmmh parts folder of version {VERSION}; delete {self.folder} "
+                             f"or pass overwrite")
         return meta
 
     def check(self, overwrite: bool = False) -> None:
