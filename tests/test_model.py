@@ -184,3 +184,18 @@ def test_single_validation_loader_serves_as_query_and_database_in_fit(tmp_path):
     t = trainer(tmp_path, max_epochs=1, num_sanity_val_steps=2)
     t.fit(module, OneLoader())
     assert 0.0 <= float(t.callback_metrics["val/mAP"]) <= 1.0
+
+
+@pytest.mark.parametrize("n_bits", [0, -8, 12, 7, 1, 8.0, "16", True])
+def test_n_bits_must_be_a_positive_multiple_of_8(n_bits):
+    with pytest.raises(ValueError, match=r"n_bits must be a positive multiple of 8, got .*whole bytes"):
+        dmmh.DMMHModule(image_dim=6, text_dim=5, n_classes=3, n_bits=n_bits, encoder="mlp", dim=8)
+
+
+@pytest.mark.parametrize("n_bits", [8, 24, 128])
+def test_n_bits_multiples_of_8_are_accepted(n_bits):
+    import numpy as np
+
+    for value in (n_bits, np.int64(n_bits)):
+        m = dmmh.create_model(image_dim=6, text_dim=5, n_bits=value, encoder="mlp", dim=8, fusion="additive")
+        assert m.eval().encode(torch.randn(3, 6), torch.randn(3, 5)).shape == (3, n_bits)
