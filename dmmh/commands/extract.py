@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dmmh._optional import require_all
 from dmmh.data.pairs import PairsDataModule
 from dmmh.extract import extract_features
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-normalize", action="store_true", help="keep un-normalised CLIP embeddings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    needs = ["open_clip", "datasets"] + ["safetensors"] * a.out.endswith(".safetensors")
+    require_all(needs, "extracting CLIP features")  # every missing package named at once, before any work
     from dmmh.encoders.clip import ClipBackbone
 
     config = json.loads(Path(a.model_config).read_text()) if a.model_config else None
