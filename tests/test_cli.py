@@ -183,15 +183,16 @@ def test_bad_n_bits_from_the_command_line(tmp_path):
 
 
 def test_missing_extras_print_one_message_not_a_traceback(tmp_path, monkeypatch):
-    """``dmmh extract`` without open_clip and datasets: one message naming both extras, before any work."""
+    """``dmmh extract`` into a .safetensors file without open_clip and safetensors: one message naming both
+    extras, before any work."""
     from dmmh.cli import main
 
-    for module in ("open_clip", "datasets"):
+    for module in ("open_clip", "safetensors"):
         monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(SystemExit) as exit_:
-        main(["extract", "--root", str(tmp_path), "--out", str(tmp_path / "f.npz")])
+        main(["extract", "--root", str(tmp_path), "--out", str(tmp_path / "f.safetensors")])
     message = str(exit_.value.code)  # a string: Python prints it without a traceback and exits with status 1
-    assert message.startswith("dmmh extract:") and "'open_clip_torch'" in message and "'datasets'" in message
+    assert message.startswith("dmmh extract:") and "'open_clip_torch'" in message and "'safetensors'" in message
     assert "pip install 'dmmh[clip,data]'" in message and message.count("pip install") == 1
 
 
@@ -244,49 +245,3 @@ def test_workers_warning_silenced_only_for_feature_arrays(tmp_path, monkeypatch)
             cli(expand_cli(["fit", f"--data={data}", *args]))
         assert any("does not have many workers" in str(w.message) for w in caught) == warned, data
 
-
-# -- trust: checkpoints are pickles (docs/trust.md) ------------------------------------------------
-class _Planted:
-    """Unpickling it runs ``open(marker, "w")``: what a malicious checkpoint could do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def planted_checkpoint(path):
-    import torch
-
-    marker = path.parent / "code-ran"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": {}, "hyper_parameters": {}, "extra": _Planted(str(marker))}, path)
-    return path, marker
-
-
-def test_checkpoints_load_weights_only_even_under_torch_force_no_weights_only(tmp_path, monkeypatch):
-    """With TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, Lightning's default load runs a pickle's code; dmmh's loads
-    (``dmmh report --ckpt``, ``dmmh fit|test --ckpt_path``, also ``last``) pass weights_only=True and refuse it."""
-    import pickle
-
-    import dmmh
-    from dmmh.metrics.report import encode_checkpoint
-
-    ckpt, marker = planted_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    data = dmmh.SyntheticMultiLabel(num_train=16, num_query=4, num_database=16)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        dmmh.DMMHModule.load_from_checkpoint(ckpt)  # torch's default is weights_only=True ...
-    assert not marker.exists()
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        encode_checkpoint(ckpt, data)
-    args = ["--data=synthetic", "--data.num_train=16", "--data.num_query=4", "--data.num_database=16", "--model.encoder=mlp",
-            "--model.n_bits=8", "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"]
-    for command, path in (("test", ckpt), ("fit", "last")):  # "last": the newest last*.ckpt of the checkpoint folder
-        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-            cli(expand_cli([command, *args, f"--ckpt_path={path}"]))
-    assert not marker.exists()
-    with pytest.raises(Exception):
-        dmmh.DMMHModule.load_from_checkpoint(ckpt)  # ... which the variable turns off: the code runs
-    assert marker.exists()

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-normalize", action="store_true", help="keep un-normalised CLIP embeddings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    needs = ["open_clip", "datasets"] + ["safetensors"] * a.out.endswith(".safetensors")
+    needs = ["open_clip"] + ["safetensors"] * a.out.endswith(".safetensors")
     require_all(needs, "extracting CLIP features")  # every missing package named at once, before any work
     from dmmh.encoders.clip import ClipBackbone
 
