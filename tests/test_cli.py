@@ -220,6 +220,9 @@ def test_fit_output_has_no_lightning_noise_and_names_the_checkpoint(tmp_path):
     assert "Tip:" not in out and "litlogger" not in out and "LeafSpec" not in out
     ckpt = list(tmp_path.glob("lightning_logs/version_0/checkpoints/*.ckpt"))
     assert len(ckpt) == 1 and f"best {ckpt[0]}" in proc.stdout
+    from dmmh import DMMHModule
+
+    assert DMMHModule.load_from_checkpoint(ckpt[0], weights_only=True).hparams.n_bits == 8  # docs/trust.md
 
 
 def test_workers_warning_silenced_only_for_feature_arrays(tmp_path, monkeypatch):
