@@ -45,11 +45,14 @@ def test_top_level_help_lists_every_subcommand(capsys):
     from dmmh.cli import LIGHTNING_COMMANDS, main
     from dmmh.commands import COMMANDS
 
-    for argv in ([], ["--help"], ["-h"]):
+    from dmmh.cli import config_names
+
+    for argv in ([], ["--help"], ["-h"], ["help"]):
         main(argv)
         out = capsys.readouterr().out
         for name, text in {**LIGHTNING_COMMANDS, **COMMANDS}.items():
             assert f"  {name} " in out and text in out
+        assert "mirflickr/dmmh_64" in out and all(name in out for name in config_names())
 
 
 def test_misspelt_subcommand_suggests_the_closest(tmp_path):
