@@ -21,7 +21,7 @@ $(CORE): pyproject.toml Makefile
 	touch $@
 
 $(DEV): $(CORE)
-	@echo ">> $(VENV): adding the test and docs extras (open_clip, faiss, datasets, pytest, mkdocs, ...); first run only"
+	@echo ">> $(VENV): adding the test and docs extras (open_clip, faiss, safetensors, matplotlib, pytest, mkdocs, ...); first run only"
 	$(PY) -m pip install -q $(TORCH) $(TORCHVISION) -e ".[test,docs]"
 	touch $@
 
