@@ -20,7 +20,6 @@ Writes ``<out>/serving_cpu.txt``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -56,8 +55,8 @@ def encode_cmd(ckpt: Path, data_args: dict, out: Path, batch: int, devices: int)
     """(seconds the command reports, process wall seconds, its last line)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PL_TORCH_DISTRIBUTED_BACKEND="gloo",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "dmmh.cli", "encode", "--ckpt", str(ckpt), "--data", "synthetic", "--data-args",
-           json.dumps(data_args), "--out", str(out), "--batch-size", str(batch), "--no-progress", "--accelerator", "cpu",
+    data = [x for k, v in data_args.items() for x in (f"--data.{k}", str(v))]
+    cmd = [sys.executable, "-m", "dmmh.cli", "encode", "--ckpt", str(ckpt), "--data", "synthetic", *data, "--out", str(out), "--batch-size", str(batch), "--no-progress", "--accelerator", "cpu",
            "--devices", str(devices)] + (["--strategy", "ddp"] if devices > 1 else [])
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True)

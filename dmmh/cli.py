@@ -238,6 +238,17 @@ def cli(args: list[str] | None = None, run: bool = True) -> DMMHCLI:
 def datamodule_from_args(args: list[str]) -> LightningDataModule:
     """A DataModule from ``fit``'s data arguments (``-c CONFIG``: its ``data:`` section; ``--data NAME|CLASS``,
     ``--data.ARG VALUE``), parsed and instantiated by the same jsonargparse machinery as LightningCLI."""
+    parser, cfg = _parse_data_args(args)
+    return parser.instantiate_classes(cfg).data
+
+
+def datamodule_spec_from_args(args: list[str]) -> tuple[str, dict[str, Any]]:
+    """``(class path, init args)`` that :func:`datamodule_from_args` would instantiate (defaults filled in)."""
+    _, cfg = _parse_data_args(args)
+    return cfg.data.class_path, cfg.data.init_args.as_dict()
+
+
+def _parse_data_args(args: list[str]):
     import yaml
 
     import dmmh  # noqa: F401
@@ -259,7 +270,7 @@ def datamodule_from_args(args: list[str]) -> LightningDataModule:
             if section is None:
                 parser.error(f"config {path} has no 'data:' section")
             argv += ["--data", yaml.safe_dump(section)]
-    return parser.instantiate_classes(parser.parse_args(argv)).data
+    return parser, parser.parse_args(argv)
 
 
 def usage() -> str:

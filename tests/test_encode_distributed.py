@@ -42,8 +42,8 @@ def ckpt(tmp_path_factory):
 
 def run_encode(ckpt, out, devices: int) -> str:
     env = dict(os.environ, PL_TORCH_DISTRIBUTED_BACKEND="gloo", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "dmmh.cli", "encode", "--ckpt", str(ckpt), "--data", "synthetic", "--data-args",
-           json.dumps(DATA), "--out", str(out), "--batch-size", "16", "--shard-size", "32", "--no-progress",
+    data = [x for k, v in DATA.items() for x in (f"--data.{k}", str(v))]
+    cmd = [sys.executable, "-m", "dmmh.cli", "encode", "--ckpt", str(ckpt), "--data", "synthetic", *data, "--out", str(out), "--batch-size", "16", "--shard-size", "32", "--no-progress",
            "--accelerator", "cpu", "--devices", str(devices)] + (["--strategy", "ddp"] if devices > 1 else [])
     proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

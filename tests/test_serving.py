@@ -215,22 +215,16 @@ def test_shard_store_verifies_what_it_reuses(tmp_path):
 
 # ------------------------------------------------------------------------------------ collection
 
-def test_collection_resolves_folders_names_class_paths_and_configs(tmp_path, monkeypatch):
+def test_collection_resolves_folders_names_and_class_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pairs").mkdir()
     c = Collection.resolve("pairs", {"metadata": "pairs/meta.csv"})
     assert c.class_path == "dmmh.data.pairs.PairsDataModule"
     assert c.init_args == {"root": str(tmp_path / "pairs"), "metadata": str(tmp_path / "pairs/meta.csv")}  # absolute
     assert Collection.resolve("mir", {"root": "x.mat"}).class_path == "dmmh.data.benchmarks.MIRFlickr25K"
-    assert Collection.resolve("dmmh.data.SyntheticMultiLabel").class_path == "dmmh.data.synthetic.SyntheticMultiLabel"
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {n_bits: 16}\ndata:\n  class_path: dmmh.data.MIRFlickr25K\n  init_args: {root: a.mat, mmap: false}\n")
-    c = Collection.resolve(None, {"root": "b.mat"}, "query", cfg)
-    assert (c.class_path, c.init_args, c.split) == ("dmmh.data.benchmarks.MIRFlickr25K",
-                                                   {"root": str(tmp_path / "b.mat"), "mmap": False}, "query")
-    assert Collection.from_dict(c.to_dict()) == c
-    with pytest.raises(ValueError, match="config .* names"):
-        Collection.resolve("synthetic", None, "database", cfg)
+    c = Collection.resolve("dmmh.data.SyntheticMultiLabel", {"noise": 0.5}, "query")
+    assert (c.class_path, c.init_args, c.split) == ("dmmh.data.synthetic.SyntheticMultiLabel", {"noise": 0.5}, "query")
+    assert Collection.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(KeyError, match="did you mean 'synthetic'"):
         Collection.resolve("synthetc")
     with pytest.raises(ValueError, match="cannot be imported"):
@@ -239,9 +233,6 @@ def test_collection_resolves_folders_names_class_paths_and_configs(tmp_path, mon
         Collection.resolve("dmmh.DMMHModule")
     with pytest.raises(ValueError, match="split must be one of"):
         Collection.resolve("synthetic", split="val")
-    (tmp_path / "nodata.yaml").write_text("model: {}\n")
-    with pytest.raises(ValueError, match="no 'data' section"):
-        Collection.resolve(None, None, "database", tmp_path / "nodata.yaml")
 
 
 # --------------------------------------------------------------------------- search, feature model
@@ -318,19 +309,27 @@ def test_search_refuses_what_it_cannot_answer(feature_index, ckpts, tmp_path):
             search_cmd.main(["--index", str(feature_index), *argv])
 
 
-def test_encode_command_arguments(ckpts, tmp_path, capsys):
+def data_argv(args: dict) -> list[str]:
+    return [x for k, v in args.items() for x in (f"--data.{k}", json.dumps(v))]
+
+
+def test_encode_command_takes_fit_data_settings(ckpts, tmp_path, capsys):
     base = ["--ckpt", str(ckpts["a"]), "--out", str(tmp_path / "i.dmmh"), "--no-progress", "--accelerator", "cpu"]
-    for bad in (["--data", "synthetic", "--data-args", "[1]"], ["--data", "synthetic", "--data-args", "{x"], []):
+    for bad in ([], ["--data", "synthetic", "--bogus", "1"], ["--data", "synthetic", "--data.num_qeury", "3"]):
         with pytest.raises(SystemExit):
             encode_cmd.main(base + bad)
+    # a fit config's data: section (its other sections are ignored), then --data.ARG over it
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"data": {"class_path": "dmmh.data.SyntheticMultiLabel", "init_args": SYNTH}}))  # YAML ⊃ JSON
-    encode_cmd.main(base + ["-c", str(cfg), "--split", "query", "--data-args", '{"noise": 0.5}'])
+    cfg.write_text(json.dumps({"model": {"n_bits": 64}, "data": {"class_path": "dmmh.data.SyntheticMultiLabel",
+                                                                  "init_args": SYNTH}}))  # YAML ⊃ JSON
+    encode_cmd.main(base + ["-c", str(cfg), "--split", "query", "--data.noise", "0.5"])
     assert "24 items, 16 bits, 1 shard(s), 0 reused, 1 process(es) writing 1," in capsys.readouterr().out
     m = read_manifest(tmp_path / "i.dmmh")
-    assert m["collection"]["split"] == "query" and m["collection"]["init_args"] == {**SYNTH, "noise": 0.5}
-    encode_cmd.main(base + ["-c", str(cfg), "--split", "query", "--data-args", '{"noise": 0.5}'])
-    assert "is up to date (24 items, 16 bits)" in capsys.readouterr().out
+    assert m["collection"]["class_path"] == "dmmh.data.synthetic.SyntheticMultiLabel"
+    assert m["collection"]["split"] == "query" and m["collection"]["init_args"]["noise"] == 0.5
+    assert {k: m["collection"]["init_args"][k] for k in SYNTH} == SYNTH
+    encode_cmd.main(base + ["--data", "synthetic", "--split", "query", "--data.noise", "0.5", *data_argv(SYNTH)])
+    assert "is up to date (24 items, 16 bits)" in capsys.readouterr().out  # the same collection, named otherwise
 
 
 # ------------------------------------------------------------------------ search, pairs (CLIP) model
@@ -357,7 +356,7 @@ def pairs_index(tmp_path_factory):
     trainer.save_checkpoint(root / "model.ckpt")
     out = root / "index.dmmh"
     encode_cmd.main(["--ckpt", str(root / "model.ckpt"), "--data", str(folder), "--out", str(out), "--no-progress",
-                     "--accelerator", "cpu", "--data-args", json.dumps({"tags_column": None})])
+                     "--accelerator", "cpu", "--data.tags_column", "null"])
     return out, [dm.table.paths[i] for i in range(8)], [dm.table.captions[i] for i in range(8)]
 
 

@@ -1,10 +1,13 @@
 """``dmmh encode``: a checkpoint and a collection → a searchable index (:func:`dmmh.serving.encode_index`).
 
-::
+The collection takes the data settings of ``dmmh fit`` (a config's ``data:`` section,
+``--data NAME|CLASS``, ``--data.ARG VALUE``), or ``--data FOLDER`` for a folder of image–caption
+pairs; the Lightning settings (``--devices``, ``--num-nodes``, ``--strategy``, ...) spread the
+work over processes and nodes::
 
     dmmh encode --ckpt model.ckpt --data my_pairs/ --out runs/pairs.dmmh
-    dmmh encode --ckpt model.ckpt -c dmmh/configs/mirflickr/dmmh_64.yaml --data-args '{"root": "mir.mat"}' \\
-        --out runs/mir64.dmmh --devices 4 --num-nodes 2 --strategy ddp
+    dmmh encode --ckpt model.ckpt -c mirflickr/dmmh_64 --data.root mir_cnn_twt.mat --out runs/mir64.dmmh \\
+        --devices 4 --num-nodes 2 --strategy ddp
 
 writes ``OUT`` (a HammingIndex file) and ``OUT.json`` (its manifest). An interrupted run resumes
 from the shards in ``OUT.parts/``.
@@ -13,7 +16,7 @@ from the shards in ``OUT.parts/``.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 
 from dmmh.data.base import SPLITS
 from dmmh.serving import Collection, encode_index
@@ -23,13 +26,13 @@ def _devices(value: str):
     return int(value) if value.isdigit() else value
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``dmmh encode``: see the module docs and ``dmmh encode --help``."""
-    p = argparse.ArgumentParser(prog="dmmh encode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="trained DMMHModule checkpoint")
-    p.add_argument("--data", help="pairs folder, DataModule name (dmmh.list_datamodules()) or class path pkg.module.Class")
-    p.add_argument("-c", "--config", help="LightningCLI YAML whose data section (class_path, init_args) names the collection")
-    p.add_argument("--data-args", default="{}", help="JSON dict of DataModule arguments (over the config's)")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmmh encode", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="trained DMMHModule checkpoint (loaded weights-only)")
+    p.add_argument("-c", "--config", help="a config file or shipped config name; its data: section names the collection")
+    p.add_argument("--data", metavar="FOLDER|NAME|CLASS", help="a folder of image-caption pairs, a registered DataModule "
+                   "name or a class path; --data.ARG VALUE sets its arguments (as for dmmh fit)")
     p.add_argument("--split", default="database", choices=SPLITS, help="split to index")
     p.add_argument("--out", required=True, help="index file to write (its manifest goes to OUT.json)")
     p.add_argument("--batch-size", type=int, help="items per forward pass (default: the DataModule's eval_batch_size)")
@@ -41,16 +44,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        data_args = json.loads(a.data_args)
-    except json.JSONDecodeError as exc:
-        p.error(f"--data-args is not valid JSON: {exc}")
-    if not isinstance(data_args, dict):
-        p.error(f"--data-args must be a JSON object, got {a.data_args}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``dmmh encode``: see the module docs and ``dmmh encode --help``."""
+    p = _parser()
+    a, data_args = p.parse_known_args(argv)
+    unknown = [x for x in data_args if x.startswith("-") and not x.startswith("--data.")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     if a.data is None and a.config is None:
-        p.error("name the collection with --data and/or -c CONFIG")
-    collection = Collection.resolve(a.data, data_args, a.split, a.config)
+        p.error("name the collection: --data FOLDER|NAME|CLASS and/or -c CONFIG")
+    from dmmh.cli import datamodule_spec_from_args
+
+    data = ["--data", a.data] if a.data else []
+    if a.data and os.path.isdir(a.data):  # a pairs folder
+        data = ["--data", "dmmh.data.pairs.PairsDataModule", "--data.root", a.data]
+    class_path, init_args = datamodule_spec_from_args([*(["-c", a.config] if a.config else []), *data, *data_args])
+    collection = Collection.resolve(class_path, init_args, a.split)
     result = encode_index(a.ckpt, collection, a.out, batch_size=a.batch_size, shard_size=a.shard_size, overwrite=a.overwrite,
                           accelerator=a.accelerator, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,
                           precision=a.precision, progress=not a.no_progress)

@@ -17,11 +17,12 @@ INPUTS = ("images", "captions", "features")
 
 
 def load_model(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> DMMHModule:
-    """A :class:`DMMHModule` from a Lightning checkpoint, in eval mode on ``device``."""
+    """A :class:`DMMHModule` from a Lightning checkpoint (``weights_only=True``: tensors and plain
+    containers only, see docs/trust.md), in eval mode on ``device``."""
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     try:
-        module = DMMHModule.load_from_checkpoint(str(ckpt), map_location="cpu")
+        module = DMMHModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"{ckpt}: not a loadable DMMHModule checkpoint ({type(exc).__name__}: {exc})") from exc
     return module.to(device).eval()
