@@ -410,3 +410,15 @@ def test_search_text_output_and_radius(pairs_index, capsys):
     assert [[(h["distance"], h["id"]) for h in hits] for hits in got] == want
     with pytest.raises(ValueError, match="reads image as images .*not features.*--image PATH"):
         s.features({"image": np.zeros(3, np.float32)})
+
+
+def test_checkpoints_load_weights_only(feature_index, tmp_path, monkeypatch):
+    from test_trust import planted_checkpoint
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # Lightning's default load would run the pickle
+    ckpt, marker = planted_checkpoint(tmp_path / "evil.ckpt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        encode(ckpt, tmp_path / "x.dmmh")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        Searcher(feature_index, ckpt)
+    assert not marker.exists()
