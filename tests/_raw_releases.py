@@ -82,12 +82,13 @@ def write_jpeg(path: Path, rng: np.random.Generator, size=(40, 30)) -> None:
     Image.fromarray(np.clip(base * 0.5 + grad * 0.5 + noise, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def make_mirflickr(root: Path, rng: np.random.Generator, n_images: int = 30, min_tag_count: int = 3) -> dict:
+def make_mirflickr(root: Path, rng: np.random.Generator, n_images: int = 30, min_tag_count: int = 3,
+                   image_size: tuple[int, int] = (40, 30)) -> dict:
     """MIR-Flickr25K in ``root`` with ``n_images`` images. Rules (for hand counts, n = 30):
     image N has no label iff N % 6 == 0 (5 dropped, 25 left); of the labelled, image N has no
     vocabulary tag iff N % 5 == 0 (5, 10, 15, 20, 25: 5 dropped, 20 left). Every image with
     text has the tag "sky"; images without text have no tag or only tags used < min_tag_count
-    times. Some tags are non-ASCII UTF-8."""
+    times. Some tags are non-ASCII UTF-8. Images are ``image_size`` (width, height) JPEGs."""
     base, ann = root / "mirflickr", root / "mirflickr25k_annotations_v080"
     (base / "meta" / "tags").mkdir(parents=True)
     (base / "doc").mkdir()
@@ -101,7 +102,7 @@ def make_mirflickr(root: Path, rng: np.random.Generator, n_images: int = 30, min
             tags[n] = [] if n % 10 == 0 else [f"rare{n}"]
         else:
             tags[n] = ["sky"] + rng.choice(frequent[1:], size=rng.integers(0, 4), replace=False).tolist()
-        write_jpeg(base / f"im{n}.jpg", rng)
+        write_jpeg(base / f"im{n}.jpg", rng, image_size)
         (base / "meta" / "tags" / f"tags{n}.txt").write_bytes("".join(t + "\n" for t in tags[n]).encode())
     counts: dict[str, int] = {}
     for ts in tags.values():

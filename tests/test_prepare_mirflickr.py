@@ -3,6 +3,7 @@ arrays against a plain-loop reference, the file the DataModule loads, and bad ra
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -99,18 +100,24 @@ def test_missing_raw_files_name_the_expected_path(tmp_path, rng, damage):
     assert str(target) in str(err.value) and "press.liacs.nl/mirflickr" in str(err.value)
 
 
+def test_raw_folder_one_level_too_deep(tmp_path, rng):
+    make_mirflickr(tmp_path, rng)
+    with pytest.raises(RawReleaseError, match="looks like the mirflickr folder itself"):
+        mirflickr.read(tmp_path / "mirflickr", n_images=30, min_tag_count=3)
+
+
 def test_malformed_lines_name_file_and_line(tmp_path, rng):
     make_mirflickr(tmp_path, rng)
     ann = tmp_path / "mirflickr25k_annotations_v080" / "dog.txt"
     ann.write_text(ann.read_text() + "im12\n")
     lines = ann.read_text().splitlines()
-    with pytest.raises(RawReleaseError, match=rf"{ann}, line {len(lines)}: 'im12' is not an image number"):
+    with pytest.raises(RawReleaseError, match=re.escape(f"{ann}, line {len(lines)}: 'im12' is not an image number")):
         mirflickr.read(tmp_path, n_images=30, min_tag_count=3)
     ann.write_text("31\n")
-    with pytest.raises(RawReleaseError, match=rf"{ann}, line 1: image number 31 outside 1..30"):
+    with pytest.raises(RawReleaseError, match=re.escape(f"{ann}, line 1: image number 31 outside 1..30")):
         mirflickr.read(tmp_path, n_images=30, min_tag_count=3)
     ann.write_text("")
     common = tmp_path / "mirflickr" / "doc" / "common_tags.txt"
     common.write_text("sky 12\nno count here\n")
-    with pytest.raises(RawReleaseError, match=rf"{common}, line 2: 'no count here'; expected '<tag> <count>'"):
+    with pytest.raises(RawReleaseError, match=re.escape(f"{common}, line 2: 'no count here'; expected '<tag> <count>'")):
         mirflickr.read(tmp_path, n_images=30, min_tag_count=3)

@@ -77,7 +77,17 @@ def test_equal_runs_give_equal_bytes_and_every_format_the_same_arrays(tmp_path, 
     m = json.loads(manifests[0])
     assert str(tmp_path) not in manifests[0].decode()  # no absolute paths: the manifest is portable
     assert m["dataset"] == "mirflickr" and m["recipe"]["version"] == 1 and m["output"]["format"] == "mat-v7.3"
-    assert [s["path"] for s in m["sources"]][-1] == "mirflickr/meta/tags/" and m["sources"][-1]["files"] == 30
+    sources = {s["path"]: s for s in m["sources"]}
+    import hashlib
+
+    common = raw / "mirflickr" / "doc" / "common_tags.txt"
+    assert sources["mirflickr/doc/common_tags.txt"]["sha256"] == hashlib.sha256(common.read_bytes()).hexdigest()
+    assert len([p for p in sources if p.startswith("mirflickr25k_annotations_v080/")]) == 24
+    tags = sorted((raw / "mirflickr" / "meta" / "tags").iterdir(), key=lambda p: p.name)
+    listing = "".join(f"{p.name} {hashlib.sha256(p.read_bytes()).hexdigest()}\n" for p in tags)
+    assert sources["mirflickr/meta/tags/"] == {"path": "mirflickr/meta/tags/", "files": 30,
+                                               "bytes": sum(p.stat().st_size for p in tags),
+                                               "sha256": hashlib.sha256(listing.encode()).hexdigest()}
     assert m["image_features"]["weights_sha256"] == feats.weights_sha256 and m["image_features"]["dim"] == 32
     assert m["missing_images"] == {"count": 0, "policy": "error", "listing": None}
     common = [line.split() for line in (raw / "mirflickr" / "doc" / "common_tags.txt").read_text().splitlines()]

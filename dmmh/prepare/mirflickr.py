@@ -42,6 +42,9 @@ def read(raw: Path, n_images: int = 25000, min_tag_count: int = 20, require_text
     """Labels, tags and image paths of the MIR-Flickr25K release in ``raw`` after the recipe."""
     raw = Path(raw)
     sources = Sources(raw)
+    if not (raw / "mirflickr").exists() and (raw / "im1.jpg").exists():
+        raise RawReleaseError(f"{raw} holds im1.jpg: it looks like the mirflickr folder itself; pass the folder that "
+                              f"holds mirflickr/ and mirflickr25k_annotations_v080/ as the raw folder")
     base = require(raw / "mirflickr", Where("the MIR-Flickr images im1.jpg ... and the meta/ and doc/ folders", _IMAGES),
                    folder=True)
     ann = require(raw / "mirflickr25k_annotations_v080",
