@@ -126,33 +126,17 @@ def prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, image_
     main = fabric.global_rank == 0
 
     recipe = spec.read(raw, **dict(recipe_params or {}))
-    missing = [i for i, rel in enumerate(recipe.images) if not (raw / rel).is_file()]
-    listing = missing_images_path(out)
-    if missing and main:
-        atomic_write(listing, "".join(f"{recipe.images[i]}\n" for i in missing).encode("utf-8", "surrogateescape"))
-    if missing and missing_images == "error":
-        shown = ", ".join(str(raw / recipe.images[i]) for i in missing[:3])
-        raise MissingImagesError(f"{len(missing)} of the {len(recipe)} images of kept items are missing ({shown}"
-                                 f"{', ...' if len(missing) > 3 else ''}; all listed in {listing}); add them, or "
-                                 f"drop those items with missing_images='drop' (--missing-images drop)")
-    if missing:
-        keep = np.ones(len(recipe), dtype=bool)
-        keep[missing] = False
-        recipe.keep(keep, "with an image file")
-    elif main and listing.exists():
-        listing.unlink()  # left by an earlier run whose missing images were since added
-
+    missing = _missing_images(recipe, raw, out, missing_images, main)
     sizes = split_sizes or spec.split_sizes
     splits = split_items(len(recipe), sizes, seed)
     rows = np.union1d(splits["query"], splits["database"])  # train ⊂ database: features once per item
     record = {"dataset": dataset, "recipe_version": recipe.version, "recipe_params": _jsonable(recipe.params),
               "seed": seed, "split_sizes": dataclasses.asdict(sizes), "image_features": features.fingerprint(),
               "images_sha256": image_list_record(raw, [recipe.images[i] for i in rows])}
-    image, store = extract_image_features([raw / recipe.images[i] for i in rows], features, parts_path(out), record, fabric,
-                                   batch_size, chunk_size, num_workers, progress)
+    image, store = extract_image_features([raw / recipe.images[i] for i in rows], features, parts_path(out), record,
+                                          fabric, batch_size, chunk_size, num_workers, progress)
     if not main:
         return out
-
     position = np.full(len(recipe), -1, dtype=np.int64)
     position[rows] = np.arange(len(rows))
     arrays = {}
@@ -160,7 +144,7 @@ def prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, image_
         idx = splits[split]
         arrays[ki], arrays[kt], arrays[kl] = image[position[idx]], recipe.text[idx], recipe.labels[idx]
     write_arrays(out, arrays)
-    manifest = {
+    write_manifest(out, {
         "manifest_version": MANIFEST_VERSION,
         "dataset": dataset,
         "recipe": {"version": recipe.version, "params": _jsonable(recipe.params), "notes": list(spec.notes),
@@ -168,7 +152,8 @@ def prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, image_
         "dmmh_version": _dmmh_version(),
         "sources": recipe.sources,
         "counts": recipe.counts,
-        "missing_images": {"count": len(missing), "policy": missing_images, "listing": listing.name if missing else None},
+        "missing_images": {"count": len(missing), "policy": missing_images,
+                           "listing": missing_images_path(out).name if missing else None},
         "labels": recipe.label_names,
         "vocabulary": recipe.vocabulary,
         "image_features": features.describe(),
@@ -180,10 +165,30 @@ def prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, image_
         "splits": {"seed": seed, "sizes": {name: len(splits[name]) for name in ("query", "database", "train", "unused")},
                    "id": recipe.id_meaning,
                    "items": {name: [recipe.ids[i] for i in splits[name]] for name in ("query", "database", "train")}},
-    }
-    write_manifest(out, manifest)
+    })
     store.remove()
     return out
+
+
+def _missing_images(recipe: Recipe, raw: Path, out: Path, policy: str, main: bool) -> list[int]:
+    """Rows whose image file is missing: listed in ``<out>.missing-images.txt`` (by rank 0), then
+    an error (``policy="error"``) or dropped from ``recipe`` (``"drop"``)."""
+    missing = [i for i, rel in enumerate(recipe.images) if not (raw / rel).is_file()]
+    listing = missing_images_path(out)
+    if main and missing:
+        atomic_write(listing, "".join(f"{recipe.images[i]}\n" for i in missing).encode("utf-8", "surrogateescape"))
+    elif main and listing.exists():
+        listing.unlink()  # left by an earlier run whose missing images were since added
+    if missing and policy == "error":
+        shown = ", ".join(str(raw / recipe.images[i]) for i in missing[:3])
+        raise MissingImagesError(f"{len(missing)} of the {len(recipe)} images of kept items are missing ({shown}"
+                                 f"{', ...' if len(missing) > 3 else ''}; all listed in {listing}); add them, or "
+                                 f"drop those items with missing_images='drop' (--missing-images drop)")
+    if missing:
+        keep = np.ones(len(recipe), dtype=bool)
+        keep[missing] = False
+        recipe.keep(keep, "with an image file")
+    return missing
 
 
 def _jsonable(obj):
