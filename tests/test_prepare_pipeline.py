@@ -206,7 +206,7 @@ def test_check_finds_changed_bytes_and_a_changed_manifest(tmp_path, raw):
         check(out)
 
 
-def test_vgg19_fc7_equals_torchvision(tmp_path, rng):
+def test_vgg19_fc7_equals_torchvision_and_runs_in_prepare(tmp_path, rng, raw):
     import torchvision
     from PIL import Image
 
@@ -224,23 +224,23 @@ def test_vgg19_fc7_equals_torchvision(tmp_path, rng):
         got = feats(x)
     assert got.shape == (3, 4096) and (got >= 0).all()
     torch.testing.assert_close(got, ref)
+
+    out = _prepare(raw, tmp_path / "mir.mat", feats, chunk_size=8, batch_size=4)
+    m = check(out)
+    assert m["image_features"]["name"] == "vgg19" and m["output"]["arrays"]["I_db"]["shape"] == [16, 4096]
+    assert m["image_features"]["weights"].startswith("random") and m["image_features"]["weights_file_sha256"] is None
+
     path = tmp_path / "vgg19.pth"
     torch.save(net.state_dict(), path)
     loaded = VGG19Fc7(path, image_size=32)
     torch.testing.assert_close(loaded(x), ref)
     assert loaded.describe()["weights"] == "vgg19.pth" and len(loaded.describe()["weights_file_sha256"]) == 64
+    assert loaded.describe()["weights_sha256"] == feats.describe()["weights_sha256"]  # equal values, equal hash
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pth"))):
         VGG19Fc7(tmp_path / "nope.pth")
     torch.save({"not": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match=re.escape(f"{path}: not a state dict of torchvision's vgg19")):
         VGG19Fc7(path)
-
-
-def test_prepare_with_vgg19(tmp_path, raw):
-    out = _prepare(raw, tmp_path / "mir.mat", "vgg19", weights="random", image_size=32, chunk_size=8, batch_size=4)
-    m = check(out)
-    assert m["image_features"]["name"] == "vgg19" and m["output"]["arrays"]["I_db"]["shape"] == [16, 4096]
-    assert m["image_features"]["weights"].startswith("random")
 
 
 def test_unknown_features_and_bad_arguments(tmp_path, raw):

@@ -42,7 +42,7 @@ def state_sha256(module: nn.Module) -> str:
     with torch.no_grad():
         for name, t in sorted(module.state_dict().items()):
             h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())  # buffer protocol: no copy
     return h.hexdigest()
 
 
