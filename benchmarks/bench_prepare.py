@@ -28,7 +28,7 @@ import torch
 from _report import Report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import _raw_releases  # noqa: E402  (the test fixture builders; installs a dmmh.chunks stand-in if needed)
+import _raw_releases  # noqa: E402  (the test fixture builders)
 
 from dmmh.prepare import SplitSizes, mirflickr, prepare  # noqa: E402
 from dmmh.prepare.features import image_features  # noqa: E402

@@ -27,10 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-import _chunks_standin
-
-_chunks_standin.install()
-
 MIR_CONCEPTS = ("animals", "baby", "bird", "car", "clouds", "dog", "female", "flower", "food", "indoor", "lake", "male",
                 "night", "people", "plant_life", "portrait", "river", "sea", "sky", "structures", "sunset", "transport",
                 "tree", "water")

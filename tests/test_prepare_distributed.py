@@ -31,7 +31,6 @@ def test_two_processes_extract_disjoint_chunks_into_the_same_file(tmp_path, rng)
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
-        import _raw_releases  # installs the dmmh.chunks stand-in if needed
         from dmmh.cli import main
         main(sys.argv[1:])
     """))

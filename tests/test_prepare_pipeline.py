@@ -129,7 +129,6 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path, raw):
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
-        import _raw_releases  # installs the dmmh.chunks stand-in if needed
         from pathlib import Path
         from test_prepare_pipeline import Wrapped, _prepare
         from dmmh.prepare.features import image_features
@@ -191,7 +190,7 @@ def test_check_finds_changed_bytes_and_a_changed_manifest(tmp_path, raw):
     with pytest.raises(CheckFailed, match=re.escape("key 'L_tr': shape (6, 24), the recipe's record gives (6, 23)")):
         check(out)
     manifest.write_text(original)
-    from dmmh.extract import write_npz
+    from dmmh._io import write_npz
 
     with np.load(out) as z:
         arrays = {k: z[k] for k in z.files}

@@ -117,6 +117,7 @@ def extract_image_features(paths: Sequence[Path], features: ImageFeatures, parts
         loader = DataLoader(ImageFiles(paths, features.transform), batch_sampler=ChunkBatches(mine, batch_size),
                             num_workers=num_workers)
         batches = iter(loader)
+        info = {"batch_size": batch_size, "device": str(fabric.device), "world_size": world}
         bar = _progress(progress and rank == 0, total=n, initial=n - sum(len(r) for r in pending),
                         desc=f"{features.name} features")
         try:
@@ -133,7 +134,8 @@ def extract_image_features(paths: Sequence[Path], features: ImageFeatures, parts
                 if rank == 0:
                     for f, (a, b) in zip(gathered[0].cpu().numpy(), gathered[1].tolist()):
                         if b > a:
-                            store.write(range(a, b), {"image": np.ascontiguousarray(f[: b - a], dtype=np.float32)})
+                            store.write(range(a, b), {"image": np.ascontiguousarray(f[: b - a], dtype=np.float32)},
+                                        info=info)
                             bar.update(b - a)
         finally:
             bar.close()

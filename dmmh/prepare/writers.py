@@ -4,7 +4,7 @@
   ``(rows, columns)`` array is stored as a ``(columns, rows)`` contiguous dataset (MATLAB's
   column-major layout, which :mod:`dmmh.data.readers` transposes back) with its ``MATLAB_class``
   attribute. No timestamps are stored (h5py's default), and the header names no date.
-- ``.npz``: uncompressed, fixed member timestamps (:func:`dmmh.extract.write_npz`).
+- ``.npz``: uncompressed, fixed member timestamps (:func:`dmmh._io.write_npz`).
 - ``.safetensors``: the ``safetensors`` library's format (the library builds the file in memory).
 
 Every file is written atomically (:func:`dmmh._io.atomic_write`).
@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from dmmh._io import atomic_write
+from dmmh._io import atomic_write, write_npz
 
 __all__ = ["OUTPUT_FORMATS", "output_format", "write_arrays", "array_sha256", "MATLAB_HEADER"]
 
@@ -42,8 +42,6 @@ def write_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """Write ``arrays`` (rows = items) to ``path`` in the format of its suffix, atomically."""
     fmt = output_format(path)
     if fmt == "npz":
-        from dmmh.extract import write_npz
-
         write_npz(Path(path), dict(arrays))
     elif fmt == "safetensors":
         from dmmh._optional import require
