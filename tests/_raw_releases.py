@@ -83,13 +83,14 @@ def make_mirflickr(root: Path, rng: np.random.Generator, n_images: int = 30, min
     """MIR-Flickr25K in ``root`` with ``n_images`` images. Rules (for hand counts, n = 30):
     image N has no label iff N % 6 == 0 (5 dropped, 25 left); of the labelled, image N has no
     vocabulary tag iff N % 5 == 0 (5, 10, 15, 20, 25: 5 dropped, 20 left). Every image with
-    text has the tag "sky"; images without text have no tag or only tags used < min_tag_count
-    times. Some tags are non-ASCII UTF-8. Images are ``image_size`` (width, height) JPEGs."""
+    text has the tag "sky", those with N % 3 == 0 "café" and N % 4 == 0 "água" (UTF-8; both
+    used >= 3 times for n = 30); images without text have no tag or only tags used < min_tag_count
+    times. Images are ``image_size`` (width, height) JPEGs."""
     base, ann = root / "mirflickr", root / "mirflickr25k_annotations_v080"
     (base / "meta" / "tags").mkdir(parents=True)
     (base / "doc").mkdir()
     ann.mkdir()
-    frequent = ["sky", "cloud", "2008", "nikon", "café", "sunset", "beach", "água", "portrait", "blue"]
+    frequent = ["cloud", "2008", "nikon", "sunset", "beach", "portrait", "blue"]
     labels: dict[int, list[str]] = {}
     tags: dict[int, list[str]] = {}
     for n in range(1, n_images + 1):
@@ -97,7 +98,8 @@ def make_mirflickr(root: Path, rng: np.random.Generator, n_images: int = 30, min
         if n % 5 == 0 and n % 6 != 0:
             tags[n] = [] if n % 10 == 0 else [f"rare{n}"]
         else:
-            tags[n] = ["sky"] + rng.choice(frequent[1:], size=rng.integers(0, 4), replace=False).tolist()
+            tags[n] = (["sky"] + ["café"] * (n % 3 == 0) + ["água"] * (n % 4 == 0)
+                       + rng.choice(frequent, size=rng.integers(0, 4), replace=False).tolist())
         write_jpeg(base / f"im{n}.jpg", rng, image_size)
         (base / "meta" / "tags" / f"tags{n}.txt").write_bytes("".join(t + "\n" for t in tags[n]).encode())
     counts: dict[str, int] = {}
