@@ -249,6 +249,9 @@ def test_unknown_features_and_bad_arguments(tmp_path, raw):
         _prepare(raw, tmp_path / "mir.h5", "vgg19")
     with pytest.raises(FileNotFoundError, match=re.escape(f"raw folder {tmp_path / 'nothing'} not found")):
         prepare("mirflickr", tmp_path / "nothing", tmp_path / "x.mat", "vgg19")
+    with pytest.raises(ValueError, match="unknown mirflickr recipe parameter.s. min_count; known: n_images, "
+                                         "min_tag_count, require_text, concepts"):
+        _prepare(raw, tmp_path / "mir.mat", _clip(tmp_path), recipe_params={"min_count": 3})
     with pytest.raises(ValueError, match=r"split sizes query=40, database=rest, train=6 do not fit the 20 items"):
         _prepare(raw, tmp_path / "mir.mat", _clip(tmp_path), split_sizes=SplitSizes(40, None, 6))
 

@@ -12,6 +12,7 @@ multi-hot, image features as float32.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,12 +121,17 @@ def prepare(dataset: str, raw: str | os.PathLike, out: str | os.PathLike, image_
         raise FileNotFoundError(f"raw folder {raw} not found: expected the official {dataset} release unpacked there "
                                 f"(see docs/data.md)")
     spec = DATASETS[dataset]
+    params = dict(recipe_params or {})
+    known = [k for k in inspect.signature(spec.read).parameters if k != "raw"]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {dataset} recipe parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
     features = image_features if isinstance(image_features, ImageFeatures) else make_image_features(
         image_features, weights, model_config, image_size)
     fabric = fabric_for(device, devices, strategy, num_nodes)
     main = fabric.global_rank == 0
 
-    recipe = spec.read(raw, **dict(recipe_params or {}))
+    recipe = spec.read(raw, **params)
     missing = _missing_images(recipe, raw, out, missing_images, main)
     sizes = split_sizes or spec.split_sizes
     splits = split_items(len(recipe), sizes, seed)
