@@ -263,8 +263,9 @@ def test_the_command(tmp_path, raw, capsys):
     args = ["prepare", "mirflickr", "--raw", str(raw), "--out", str(out), "--image-features", spec, "--model-config",
             str(tmp_path / "arch.json"), "--recipe", "n_images=30", "--recipe", "min_tag_count=3", "--no-progress",
             "--num-workers", "0", "--chunk-size", "3", "--batch-size", "2"]
-    # the published split sizes do not fit a 30-image fixture: the command says so
-    with pytest.raises(ValueError, match="split sizes query=2243, database=rest, train=5000 do not fit the 20 items"):
+    # the published split sizes do not fit a 30-image fixture: the command says so, in one message
+    with pytest.raises(SystemExit, match="dmmh prepare: split sizes query=2243, database=rest, train=5000 do not fit "
+                                         "the 20 items"):
         dmmh_main(args)
     dmmh_main(args + ["--query", "4", "--train", "6"])
     assert f"wrote {out}" in capsys.readouterr().out
@@ -272,6 +273,15 @@ def test_the_command(tmp_path, raw, capsys):
     assert out.read_bytes() == (tmp_path / "api" / "mir.mat").read_bytes()  # the command is the function
     dmmh_main(["prepare", "--check", str(out)])
     assert "matches its manifest (mirflickr, mat-v7.3, query 4 / database 16 / train 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=re.escape(f"dmmh prepare: {out} exists; check it")):
+        dmmh_main(args + ["--query", "4", "--train", "6"])
+    with out.open("r+b") as f:  # one changed byte
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(SystemExit, match=re.escape(f"dmmh prepare: {out} does not match")):
+        dmmh_main(["prepare", "--check", str(out)])
     with pytest.raises(SystemExit):
         dmmh_main(["prepare", "mirflickr", "--raw", str(raw)])
     assert "give a dataset, --raw and --out" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 """``dmmh prepare``: a benchmark file from an official raw release (:func:`dmmh.prepare.prepare`),
-or ``--check FILE`` against its manifest (:func:`dmmh.prepare.check`)."""
+or ``--check FILE`` against its manifest (:func:`dmmh.prepare.check`). Bad input (raw files,
+missing images, split sizes, a file unlike its manifest, a busy chunk folder) ends with one
+message naming the problem, not a traceback."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from dmmh._optional import require_all
+from dmmh.chunks import ChunkStoreBusy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +46,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-workers", type=int, default=4, help="image decoding processes per device")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    try:
+        _run(p, a)
+    except (ValueError, FileNotFoundError, FileExistsError, ChunkStoreBusy) as exc:  # bad input: one message
+        sys.exit(f"dmmh prepare: {exc}")
+
+
+def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     from dmmh.prepare import check, prepare
 
     if a.check:
@@ -52,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (a.dataset and a.raw and a.out):
         p.error("give a dataset, --raw and --out (or --check FILE)")
+    needs = (["open_clip"] if a.image_features.startswith("clip:") else ["torchvision"]) + ["PIL"]
+    require_all(needs + ["safetensors"] * a.out.endswith(".safetensors"), "dmmh prepare")  # all at once, before work
     config = json.loads(Path(a.model_config).read_text()) if a.model_config else None
     params = {}
     for item in a.recipe:

@@ -68,7 +68,10 @@ def check(out: str | Path) -> dict[str, Any]:
     digest = sha256_file(out)
     if digest != expected["sha256"]:
         problems.append(f"file SHA-256 {digest} differs from the manifest's {expected['sha256']}")
-    ff = read_feature_file(out)
+    try:
+        ff = read_feature_file(out)
+    except ValueError as exc:
+        raise CheckFailed(f"{out} does not match {manifest_path(out)}:\n  " + "\n  ".join([*problems, str(exc)])) from None
     if ff.format != expected["format"]:
         problems.append(f"format {ff.format}, the manifest says {expected['format']}")
     for key in ALL_KEYS:
