@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     n_images, raw = _release(work, args.images)
     sub_images, sub_raw = _release(work, args.baseline_images)
     rep = Report("prepare", kind, args.out, f"dmmh prepare mirflickr on a generated release: {n_images} images "
-                 f"(500x375 JPEG), {args.features} features at 224x224, batch {args.batch_size}, {args.num_workers} loader workers, "
+                 f"(500x375 JPEG), {args.features} features at 224x224, batch {args.batch_size}, "
+                 f"{args.num_workers} loader workers, "
                  f"{torch.get_num_threads()} torch threads")
     feats = image_features(args.features, weights="random") if args.features == "vgg19" else image_features(args.features)
 

@@ -69,7 +69,8 @@ def test_binary_matrix_parser_against_a_reference(tmp_path, rng):
 def test_binary_matrix_errors_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "m.txt"
     path.write_text(content)
-    with pytest.raises(RawReleaseError, match=re.escape(f"{path}, {message}") if "lines" not in message else re.escape(message)):
+    expected = re.escape(message if "lines" in message else f"{path}, {message}")
+    with pytest.raises(RawReleaseError, match=expected):
         read_binary_matrix(path, 2, 2, Where("x", "y"))
 
 

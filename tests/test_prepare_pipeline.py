@@ -288,3 +288,22 @@ def test_the_command(tmp_path, raw, capsys):
     with pytest.raises(SystemExit):
         dmmh_main(args + ["--recipe", "n_images"])
     assert "--recipe takes KEY=VALUE" in capsys.readouterr().err
+
+
+def test_the_command_names_missing_extras_before_any_work(tmp_path, raw, monkeypatch):
+    for module in ("torchvision", "safetensors"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails
+    out = tmp_path / "mir.safetensors"
+    with pytest.raises(SystemExit) as err:
+        dmmh_main(["prepare", "mirflickr", "--raw", str(raw), "--out", str(out)])
+    message = str(err.value)
+    assert message.startswith("dmmh prepare:") and "'torchvision'" in message and "'safetensors'" in message
+    assert "pip install 'dmmh[data,prepare]'" in message and message.count("dmmh prepare") == 1
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
+def test_vgg19_without_weights_names_torchvisions_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"))
+                       + ".*torchvision's cache.*--weights FILE"):
+        VGG19Fc7()

@@ -65,7 +65,8 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if not (a.dataset and a.raw and a.out):
         p.error("give a dataset, --raw and --out (or --check FILE)")
     needs = (["open_clip"] if a.image_features.startswith("clip:") else ["torchvision"]) + ["PIL"]
-    require_all(needs + ["safetensors"] * a.out.endswith(".safetensors"), "dmmh prepare")  # all at once, before work
+    needs += ["safetensors"] * a.out.endswith(".safetensors")
+    require_all(needs, "building benchmark files")  # every missing package named at once, before any work
     config = json.loads(Path(a.model_config).read_text()) if a.model_config else None
     params = {}
     for item in a.recipe:

@@ -49,11 +49,11 @@ def read(raw: Path, vocab_size: int = 2000, require_text: bool = False, subsets:
     ids, images, captions, label_sets = [], [], [], []
     categories = None
     for subset in subsets:
-        require(raw / subset, Where(f"the {subset} images COCO_{subset}_<id>.jpg",
-                                    f"the '{subset[:-4].capitalize()} 2014 images' download (https://cocodataset.org/#download)"),
-                folder=True)
+        download = f"the '{subset[:-4].capitalize()} 2014 images' download (https://cocodataset.org/#download)"
+        require(raw / subset, Where(f"the {subset} images COCO_{subset}_<id>.jpg", download), folder=True)
         inst_path = raw / "annotations" / f"instances_{subset}.json"
-        inst = _load(sources, inst_path, Where(f"the {subset} object instances (images, annotations, categories)", _ANNOTATIONS))
+        inst = _load(sources, inst_path,
+                     Where(f"the {subset} object instances (images, annotations, categories)", _ANNOTATIONS))
         caps_path = raw / "annotations" / f"captions_{subset}.json"
         caps = _load(sources, caps_path, Where(f"the {subset} captions (images, annotations)", _ANNOTATIONS))
         cats = {_field(c, "id", int, inst_path, "categories", i): _field(c, "name", str, inst_path, "categories", i)
@@ -67,7 +67,8 @@ def read(raw: Path, vocab_size: int = 2000, require_text: bool = False, subsets:
             files[_field(im, "id", int, inst_path, "images", i)] = _field(im, "file_name", str, inst_path, "images", i)
         labels: dict[int, set[int]] = {k: set() for k in files}
         for i, a in enumerate(_list(inst, "annotations", inst_path)):
-            image, cat = _field(a, "image_id", int, inst_path, "annotations", i), _field(a, "category_id", int, inst_path, "annotations", i)
+            image = _field(a, "image_id", int, inst_path, "annotations", i)
+            cat = _field(a, "category_id", int, inst_path, "annotations", i)
             if image not in files or cat not in categories:
                 what = f"image_id {image}" if image not in files else f"category_id {cat}"
                 raise RawReleaseError(f"{inst_path}: annotations[{i}] refers to {what}, which the file does not list")

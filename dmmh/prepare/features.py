@@ -81,7 +81,8 @@ class VGG19Fc7(ImageFeatures):
             if not path.is_file():
                 how = ("the file passed as weights" if weights is not None else
                        f"torchvision's cache; on a machine with internet run python -c \"import torchvision; "
-                       f"torchvision.models.vgg19(weights='IMAGENET1K_V1')\" and copy {VGG19_FILE} here, or pass --weights FILE")
+                       f"torchvision.models.vgg19(weights='IMAGENET1K_V1')\" and copy {VGG19_FILE} here, "
+                       f"or pass --weights FILE")
                 raise FileNotFoundError(f"VGG-19 weights {path} not found ({how})")
             net = tv.models.vgg19(weights=None)
             try:

@@ -62,7 +62,8 @@ def split_items(n: int, sizes: SplitSizes, seed: int) -> dict[str, np.ndarray]:
     """
     db_n = n - sizes.query if sizes.database is None else sizes.database
     if min(sizes.query, db_n, sizes.train) < 0 or sizes.query + db_n > n or sizes.train > db_n:
-        raise ValueError(f"split sizes query={sizes.query}, database={sizes.database if sizes.database is not None else 'rest'}, "
+        database = "rest" if sizes.database is None else sizes.database
+        raise ValueError(f"split sizes query={sizes.query}, database={database}, "
                          f"train={sizes.train} do not fit the {n} items kept by the recipe (query + database <= items, "
                          f"train <= database)")
     rng = np.random.default_rng(seed)
