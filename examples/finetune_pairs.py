@@ -38,6 +38,7 @@ def build(root: str, model: str, pretrained: str | None = None, model_config: Ma
     L.seed_everything(seed, verbose=False)
     clip = {"model": model, "pretrained": pretrained, "model_config": model_config, "freeze": True,
             "head": "mamba"}
+    data_kw.setdefault("val_split", 0)  # fine_tune does not validate: train on every training item
     data = PairsDataModule(root, batch_size=batch_size, seed=seed, clip_model=model, clip_pretrained=pretrained,
                            clip_config=model_config, **data_kw)
     module = dmmh.DMMHModule(

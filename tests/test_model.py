@@ -49,7 +49,7 @@ def test_training_beats_untrained_model(tmp_path, fusion, head):
 @pytest.mark.parametrize("options", [{}, {"map_top_k": 5, "map_normalizer": "relevant", "map_empty": "exclude"}, {"map_top_k": 20, "map_normalizer": "min"}])
 def test_logged_map_equals_direct_computation(tmp_path, options):
     L.seed_everything(2, verbose=False)
-    data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16)
+    data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16, val_split="test")
     data.eval_batch_size = 16  # several eval batches per split
     module = module_for(data, **options)
     logged = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/mAP"]
