@@ -14,6 +14,7 @@ __all__ = ["COMMANDS", "run"]
 COMMANDS: dict[str, str] = {
     "extract": "open_clip features of image-caption pairs into a benchmark feature file (resumable)",
     "report": "mAP, precision@k, PR curve, precision within a radius, from codes or checkpoints -> JSON/CSV/PNG",
+    "table": "fit + test datasets x bits x encoders x seeds -> table.md/csv/json + map_vs_bits.png (resumable)",
 }
 
 
