@@ -117,7 +117,8 @@ def _val_count(n: int, val_split: float) -> int:
         return 0
     k = max(1, int(round(val_split * n))) if val_split < 1 else int(val_split)
     if k >= n:
-        raise ValueError(f"val_split={val_split} holds out {k} of the {n} training items and leaves none to train on")
+        raise ValueError(f"val_split={val_split} holds out {k} of the {n} training items and leaves none to train on; "
+                         f"pass a smaller val_split, or val_split=0 (no validation)")
     return k
 
 
