@@ -146,8 +146,9 @@ def _cell_context(threads: int | None):
             lg.setLevel(level)
 
 
-def run_cell(spec: dict, folder: Path, threads: int | None = None) -> dict:
-    """Fit and test one cell in this process (see the module docs); returns its result record."""
+def run_cell(spec: dict, folder: Path, threads: int | None = None, env: dict | None = None) -> dict:
+    """Fit and test one cell in this process (see the module docs); returns its result record.
+    ``env``: :func:`~dmmh.table_outputs.environment` as of the start of the run (default: now)."""
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -186,14 +187,15 @@ def run_cell(spec: dict, folder: Path, threads: int | None = None) -> dict:
     h = model.hparams
     return {
         "spec": spec, "test_mAP": test_map, "best_val_mAP": None if best_score is None else float(best_score),
-        "tested": f"best val/mAP checkpoint (epoch {best_epoch})" if best_path else "last epoch (no validation ran)",
+        "tested": f"best val/mAP checkpoint (after epoch {best_epoch + 1} of {trainer.current_epoch})" if best_path
+        else "last epoch (no validation ran)",
         "validation": data.validation, "epochs": int(trainer.current_epoch), "resumed_from": resume,
         "items": {role: data.num_items(role) for role in ("fit", "val_query", "val_database", "query", "database")}
         if data.val_split != 0 else {role: data.num_items(role) for role in ("fit", "query", "database")},
         "map": {"top_k": h.get("map_top_k"), "empty": h.get("map_empty", "zero"), "normalizer": h.get("map_normalizer", "retrieved")},
         "fit_seconds": fit_seconds, "test_seconds": test_seconds,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "environment": environment(threads),
+        "environment": env or environment(threads),
     }
 
 
@@ -214,6 +216,7 @@ def run_table(out: str | Path, datasets: Mapping[str, str | None], bits: Sequenc
     overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
     cells = plan(list(datasets), bits, encoders, seeds)
     specs = [cell_spec(c, datasets[c.dataset], overrides, config_dir) for c in cells]  # config errors before any work
+    env = environment(threads)  # the code this process runs (the checkout may change during a long run)
     results, status = [], {"computed": [], "reused": [], "failed": {}}
     for i, (cell, spec) in enumerate(zip(cells, specs), 1):
         folder = cell_dir(out, spec)
@@ -227,7 +230,7 @@ def run_table(out: str | Path, datasets: Mapping[str, str | None], bits: Sequenc
                 say(f"[{i}/{len(cells)}] {cell.name}: {path} does not verify against this cell's spec; recomputing")
             say(f"[{i}/{len(cells)}] {cell.name}: fit + test ...")
             try:
-                result = run_cell(spec, folder, threads)
+                result = run_cell(spec, folder, threads, env)
             except Exception as exc:  # one broken cell must not lose the others; the run reports it
                 status["failed"][cell.name] = f"{type(exc).__name__}: {exc}"
                 atomic_write(folder / "error.txt", traceback.format_exc().encode())

@@ -116,9 +116,13 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines = ["# dmmh table: test mAP by code length", ""]
     if meta["quick"]:
         lines += ["**Quick smoke run (`--quick`: 2 epochs per cell): these numbers are not results.**", ""]
-    env = meta["environment"]
-    lines += [f"dmmh {env['dmmh']} (git {env['git_commit'] or 'unknown'}), torch {env['torch']}, "
-              f"lightning {env['lightning']}; {env['machine']} ({env['device']}); written {meta['written']}.", "",
+    for item in meta["environments"]:
+        env, n = item["environment"], item["cells"]
+        several = len(meta["environments"]) > 1
+        lines.append(("- " if several else "") + f"dmmh {env['dmmh']} (git {env['git_commit'] or 'unknown'}), torch "
+                     f"{env['torch']}, lightning {env['lightning']}; {env['machine']} ({env['device']})"
+                     + (f": {n} cell(s)" if several else ""))
+    lines += ["", f"Written {meta['written']}.", "",
               "Each measured entry is the mean ± sample standard deviation of test mAP over seeds "
               f"{', '.join(map(str, meta['seeds']))} (the seed of `seed_everything` and of the training shuffle; "
               "the validation split is the same for every seed).", ""]
@@ -237,6 +241,15 @@ def _cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
+def _environments(results: Sequence[dict]) -> list[dict]:
+    """The distinct environments the cells ran in (reused cells may come from earlier runs), with counts."""
+    seen: dict[str, dict] = {}
+    for r in results:
+        key = json.dumps(r["environment"], sort_keys=True)
+        seen.setdefault(key, {"environment": r["environment"], "cells": 0})["cells"] += 1
+    return list(seen.values())
+
+
 def write_outputs(out: str | Path, cells: Sequence, results: Sequence[dict], quick: bool = False,
                   overrides: Sequence[str] = (), failed: dict | None = None, threads: int | None = None,
                   plots: bool = True) -> dict[str, Path]:
@@ -254,7 +267,7 @@ def write_outputs(out: str | Path, cells: Sequence, results: Sequence[dict], qui
         "quick": quick, "overrides": list(overrides), "datasets": datasets, "seeds": sorted({c.seed for c in cells}),
         "configs": sorted({f"{c.dataset}/dmmh_{c.n_bits}.yaml" for c in cells}), "failed": dict(failed or {}),
         "protocol": {**json.loads(maps.pop()), "tested": ", ".join(tested) or "—"},
-        "environment": results[-1]["environment"] if results else environment(threads),
+        "environments": _environments(results) or [{"environment": environment(threads), "cells": 0}],
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     files = {
