@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import dmmh
-from dmmh.data.base import EpochShuffle, FeatureDataModule, Split, hold_out
+from dmmh.data.base import EpochShuffle, Split, hold_out
 from dmmh.data.uci import UCIMultipleFeatures, load_uci_mfeat, stratified_split
 from _benchmark_files import make_arrays, write_mat73
 
