@@ -345,7 +345,8 @@ def pairs_index(tmp_path_factory):
     folder.mkdir()
     make_pairs_folder(folder, 8, "jsonl")
     L.seed_everything(0, verbose=False)
-    dm = tiny_datamodule(folder, tags_column=None, batch_size=8)  # instance labels: each caption its own class
+    # instance labels (each caption its own class); val_split=0: every item is trained on, none held out
+    dm = tiny_datamodule(folder, tags_column=None, batch_size=8, val_split=0)
     clip = {"model": TINY_NAME, "model_config": TINY_CLIP, "freeze": True, "head": "mlp"}
     module = dmmh.DMMHModule(image_dim=dm.image_dim, text_dim=dm.text_dim, n_classes=dm.num_classes, n_bits=16, dim=16,
                              image_encoder="clip_image", text_encoder="clip_text", encoder_kwargs=clip, fusion="cnn_deep",
