@@ -9,11 +9,11 @@ it. Published split sizes (DESIGN.md §2) are checked with a warning, the class 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal, Union
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from dmmh.data.base import FeatureDataModule, Split
+from dmmh.data.base import VAL_SPLIT, FeatureDataModule, Split
 from dmmh.data.normalize import normalize_splits
 from dmmh.data.readers import SPLIT_KEYS, FeatureFile, find_feature_file, read_feature_file, validate_feature_file, write_npy_folder
 from dmmh.registry import DATAMODULES
@@ -33,7 +33,9 @@ class BenchmarkDataModule(FeatureDataModule):
         cache_dir: if set, formats that cannot be memory-mapped (or are column-major) are first
             written once as a row-major ``.npy`` folder under ``cache_dir`` and memory-mapped from there.
         check_values: scan every array for NaN/inf and non-0/1 labels on load.
-        batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
+        batch_size, eval_batch_size, num_workers, seed, val_split, val_seed: see
+            :class:`~dmmh.data.base.FeatureDataModule` (by default 10 % of the training items are
+            held out as validation queries).
     """
 
     display_name: ClassVar[str]
@@ -52,8 +54,11 @@ class BenchmarkDataModule(FeatureDataModule):
         eval_batch_size: int = 1024,
         num_workers: int = 0,
         seed: int = 0,
+        val_split: Union[float, Literal["test"]] = VAL_SPLIT,
+        val_seed: int = 0,
     ):
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                         val_split=val_split, val_seed=val_seed)
         self.root, self.normalize, self.mmap = root, normalize, bool(mmap)
         self.cache_dir, self.check_values = cache_dir, bool(check_values)
         self.source: FeatureFile | None = None
