@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse
-from _benchmark_files import KEYS, WRITERS, huge_rows, make_arrays, npy_header, write, write_declaring, write_mat73, write_npz
+from _benchmark_files import (
+    KEYS, WRITERS, huge_rows, make_arrays, mat5_compress, npy_header, write, write_declaring, write_mat73, write_npz,
+)
 
+import dmmh.data.matlab as matlab
 import dmmh.data.readers as readers
 from dmmh._arrayfiles import SafetensorsArray, read_arrays
 from dmmh.data.cache import write_npy_folder
@@ -170,8 +173,6 @@ def test_split_sizes_unlike_published_warn_with_expected_and_found(tmp_path, arr
 
 
 def test_value_scan_is_blockwise_and_can_be_skipped(tmp_path, arrays, monkeypatch):
-    import dmmh.data.readers as readers
-
     monkeypatch.setattr(readers, "_BLOCK_ROWS", 3)  # the bad value lies in a later block
     arrays["I_db"] = arrays["I_db"].copy()
     arrays["I_db"][10, 1] = np.inf
@@ -325,6 +326,7 @@ HUGE_FORMATS = ["mat73", "mat73_gzip", "npz", "npz_stored", "npy", "mat5", "mat5
 
 _MEMORY_SCRIPT = r"""
 import resource, sys, time
+import dmmh.data.matlab as matlab
 import dmmh.data.readers as readers
 paths = sys.argv[1:]
 vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
@@ -365,14 +367,14 @@ def test_small_files_declaring_huge_arrays_fail_fast_without_allocating(tmp_path
         seconds, msg = line.split(" ERROR ", 1)
         assert float(seconds) < 5, line
         if path.suffix != ".safetensors":  # the safetensors library names no key ("incomplete metadata, file not fully covered")
-            assert re.search(r"key '[ITL]_db'|[ITL]_db\.npy", msg), msg
+            assert re.search(r"(key|variable) '[ITL]_db'|[ITL]_db\.npy", msg), msg
     assert int(lines[-1].split()[1]) < 200 * 1024, lines[-1]
 
 
 def test_compressed_hdf5_is_transposed_without_a_second_full_copy(tmp_path, rng, monkeypatch):
     arrays = make_arrays(rng, 24, sizes=(12, 5, 3000), image_dim=600)  # I_db: 7.2 MB of float32
     path = write_mat73(tmp_path / "m.mat", arrays, compress=True)
-    monkeypatch.setattr(readers, "_BLOCK_BYTES", 1 << 18)
+    monkeypatch.setattr(matlab, "_BLOCK_BYTES", 1 << 18)
     tracemalloc.start()
     try:
         ff = read_feature_file(path)
@@ -486,3 +488,63 @@ def test_empty_train_split_is_an_error_at_load(tmp_path, arrays, fmt):
                 f.create_dataset(k, data=np.array([0, arrays[k].shape[1]], np.uint64)).attrs["MATLAB_empty"] = np.uint8(1)
     with pytest.raises(FileFormatError, match=re.escape(str(path)) + r".*the train split \(I_tr/T_tr/L_tr\) is empty"):
         read_feature_file(path)
+
+
+# -- MATLAB v5: scipy trusts the element tags, so they are checked first ---------------------------
+def _v5_with_data_tag(path, arrays, kind=None, nbytes=None, compress=False):
+    """A MATLAB v5 file whose I_db data tag says type ``kind`` / ``nbytes`` bytes."""
+    raw = bytearray(write("mat5", path.parent, arrays).read_bytes())
+    d = arrays["I_db"]
+    head = struct.pack("<II", 5, 8) + struct.pack("<ii", *d.shape) + struct.pack("<HH", 1, 4) + b"I_db"
+    at = raw.index(head) + len(head)  # the data tag follows the name
+    assert struct.unpack("<II", raw[at : at + 8]) == (7, d.size * 4)  # miSINGLE
+    raw[at : at + 8] = struct.pack("<II", 7 if kind is None else kind, d.size * 4 if nbytes is None else nbytes)
+    path.write_bytes(mat5_compress(bytes(raw)) if compress else bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mat5_data_tag_declaring_2_gib_fails_before_scipy_allocates_it(tmp_path, arrays, compress):
+    path = _v5_with_data_tag(tmp_path / "mir_cnn_twt.mat", arrays, nbytes=0x7FFFFFF8, compress=compress)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FileFormatError, match=r"variable 'I_db' of dimensions \(20, 7\) has a damaged data tag"):
+            read_feature_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mat5_unknown_data_type_is_an_error_not_a_crash(tmp_path, arrays, compress):
+    """scipy's loadmat segfaults on an unknown data type code (here 265 = a flipped bit of 9)."""
+    path = _v5_with_data_tag(tmp_path / "mir_cnn_twt.mat", arrays, kind=265, compress=compress)
+    code = f"import dmmh.data.readers as r\ntry:\n    r.read_feature_file({str(path)!r})\nexcept r.FileFormatError as e:\n    print(e)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]  # -11 before the tags were checked
+    assert "variable 'I_db' of dimensions (20, 7) has a damaged data tag (type 265" in proc.stdout
+
+
+def test_mat5_reads_matlab_storage_narrower_than_the_class_and_refuses_v4(tmp_path, arrays):
+    """MATLAB stores a double array of small integers as uint8 (class double): read as double."""
+    path = tmp_path / "mir_cnn_twt.mat"
+    raw = bytearray(write("mat5", tmp_path, arrays).read_bytes())
+    d = arrays["L_db"]
+    head = struct.pack("<II", 5, 8) + struct.pack("<ii", *d.shape) + struct.pack("<HH", 1, 4) + b"L_db"
+    at = raw.index(head) + len(head)
+    narrow = struct.pack("<II", 2, d.size) + np.asfortranarray(d).astype(np.uint8).tobytes(order="F")
+    narrow += bytes(-len(narrow) % 8)
+    old_len = 8 + d.size * 8
+    start = raw.rindex(struct.pack("<I", 14), 0, raw.index(head))  # the matrix tag of L_db
+    raw[at : at + old_len] = narrow
+    raw[start + 4 : start + 8] = struct.pack("<I", struct.unpack("<I", raw[start + 4 : start + 8])[0] - old_len + len(narrow))
+    path.write_bytes(bytes(raw))
+    ff = read_feature_file(path)
+    assert ff.arrays["L_db"].dtype == np.float64
+    np.testing.assert_array_equal(ff.arrays["L_db"], d)
+    v4 = tmp_path / "v4.mat"
+    scipy.io.savemat(v4, arrays, format="4")
+    with pytest.raises(FileFormatError, match=r"v4\.mat \(mat-v5\): not a MATLAB v5 file \(a v4 file.*save it with -v7 or -v7\.3"):
+        read_feature_file(v4)

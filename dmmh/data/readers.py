@@ -31,8 +31,9 @@ import numpy as np
 
 from dmmh._arrayfiles import (
     NUMERIC_KINDS, ArrayHeader, FileFormatError, NpyFolder, NpzArrays, SafetensorsArray, SafetensorsArrays,
-    check_stored_size, headers_of, read_arrays, reading,
+    headers_of, read_arrays, reading,
 )
+from dmmh.data.matlab import MatlabHdf5, MatlabV5
 
 __all__ = [
     "SPLIT_KEYS", "ALL_KEYS", "FORMATS", "FeatureFile", "FileFormatError", "find_feature_file", "detect_format",
@@ -150,186 +151,9 @@ def read_feature_file(path: str | os.PathLike, mmap: bool = True, allow_external
     return FeatureFile(path, fmt, arrays, mmapped, lazy)
 
 
-_MATLAB_DTYPES = {
-    "double": "f8", "single": "f4", "logical": "u1", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2",
-    "int32": "i4", "uint32": "u4", "int64": "i8", "uint64": "u8",
-}
-_BLOCK_BYTES = 64 << 20  # bytes per block when transposing HDF5 datasets into memory
-_MAX_SOFT_LINKS = 16
-
-
-def _sparse(where: str, key: str) -> FileFormatError:
-    return FileFormatError(
-        f"{where}: key {key!r} is a MATLAB sparse matrix; sparse is not supported, save it dense "
-        f"(in MATLAB: {key} = full({key}), then save again)"
-    )
-
-
-class _MatlabHdf5:
-    """MATLAB v7.3 (HDF5): each dataset is stored (columns, rows) and transposed on read."""
-
-    def __init__(self, path: Path, allow_external: bool):
-        import h5py
-
-        self.h5py, self.path, self.allow_external = h5py, path, allow_external
-        self.where = f"{path} (mat-v7.3)"
-        self.file = h5py.File(path, "r")
-        self.names = [k for k in self.file.keys() if not k.startswith("#")]  # "#refs#", "#subsystem#"
-        self.plan: dict[str, tuple[str, Any, ArrayHeader]] = {}
-
-    def close(self) -> None:
-        self.file.close()
-
-    def _hard_path(self, name: str, path: str, depth: int = 0) -> str:
-        """``path`` with every soft link replaced by its target, without following external links."""
-        resolved = ""
-        for part in (p for p in path.split("/") if p and p != "."):
-            link = self.file.get(f"{resolved}/{part}", getlink=True)
-            if link is None:
-                raise FileFormatError(f"{self.where}: key {name!r} leads to {path!r}, which does not exist")
-            if isinstance(link, self.h5py.ExternalLink):
-                raise _OutsideFile(f"an external link to {link.filename}:{link.path}")
-            if isinstance(link, self.h5py.SoftLink):
-                if depth >= _MAX_SOFT_LINKS:
-                    raise FileFormatError(f"{self.where}: key {name!r} is a chain of more than {_MAX_SOFT_LINKS} soft links")
-                target = link.path if link.path.startswith("/") else f"{resolved}/{link.path}"
-                resolved = self._hard_path(name, target, depth + 1)
-            else:
-                resolved = f"{resolved}/{part}"
-        return resolved or "/"
-
-    def _open(self, name: str) -> Any:
-        """The object ``name`` names; external datasets only if allowed, raw external files and
-        virtual sources found relative to the file that names them."""
-        h5py = self.h5py
-        try:
-            path = self._hard_path(name, name)
-        except _OutsideFile as exc:
-            if not self.allow_external:
-                raise self._refuse(name, str(exc)) from None
-            path = name
-        if self.file.get(path, getclass=True) is not h5py.Dataset:
-            return self.file[path]
-        dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-        dapl.set_efile_prefix(b"${ORIGIN}")
-        dapl.set_virtual_prefix(b"${ORIGIN}")
-        ds = h5py.Dataset(h5py.h5d.open(self.file.id, path.encode(), dapl=dapl))
-        outside = "a virtual dataset (its bytes live in other datasets)" if ds.is_virtual else (
-            f"stored in external raw file(s) {', '.join(str(e[0]) for e in ds.external)}" if ds.external else None)
-        if outside and not self.allow_external:
-            raise self._refuse(name, outside)
-        return ds
-
-    def _refuse(self, name: str, what: str) -> FileFormatError:
-        return FileFormatError(
-            f"{self.where}: key {name!r} is {what}: its bytes live outside this file, so it is refused "
-            f"(pass allow_external=True to read it if you trust the file)"
-        )
-
-    def header(self, name: str) -> ArrayHeader:
-        ds = self._open(name)
-        if not isinstance(ds, self.h5py.Dataset):
-            if "MATLAB_sparse" in ds.attrs:
-                raise _sparse(self.where, name)
-            raise FileFormatError(f"{self.where}: key {name!r} is an HDF5 group (a MATLAB struct or cell?); expected a numeric matrix")
-        cls = ds.attrs.get("MATLAB_class", b"double")
-        cls = cls.decode(errors="replace") if isinstance(cls, bytes) else str(cls)
-        if cls not in _MATLAB_DTYPES:
-            raise FileFormatError(f"{self.where}: key {name!r} holds a MATLAB {cls} array; expected a numeric matrix")
-        if ds.attrs.get("MATLAB_empty", 0):  # an empty MATLAB array is stored as its dimensions
-            if ds.ndim != 1 or ds.size > 8 or ds.dtype.kind not in "iu":
-                raise FileFormatError(f"{self.where}: key {name!r} is marked MATLAB_empty but stores {ds.dtype} {ds.shape}")
-            h = ArrayHeader(tuple(int(n) for n in ds[()]), np.dtype(_MATLAB_DTYPES[cls]))
-            if 0 not in h.shape:
-                raise FileFormatError(f"{self.where}: key {name!r} is marked MATLAB_empty but its dimensions are {h.shape}")
-            self.plan[name] = ("empty", None, h)
-            return h
-        h = ArrayHeader(tuple(int(n) for n in ds.shape[::-1]), ds.dtype)  # stored (columns, rows)
-        mode = "memory" if ds.is_virtual or ds.external else self._check_storage(name, ds, h)
-        self.plan[name] = (mode, ds, h)
-        return h
-
-    def _check_storage(self, name: str, ds: Any, h: ArrayHeader) -> str:
-        """Check the declared size against the bytes stored; ``"mmap"`` if the dataset can be
-        memory-mapped (contiguous, unfiltered, in the file), else ``"memory"``."""
-        h5d = self.h5py.h5d
-        file_size = os.path.getsize(ds.file.filename)  # the file holding it (another one through an allowed external link)
-        stored = ds.id.get_storage_size()
-        if stored > file_size:
-            raise FileFormatError(f"{self.where}: key {name!r} claims {stored} stored bytes but the file has {file_size}; damaged")
-        filtered = ds.id.get_create_plist().get_nfilters() > 0
-        check_stored_size(self.where, name, h.nbytes, stored, compressed=filtered)
-        if ds.id.get_create_plist().get_layout() != h5d.CONTIGUOUS or filtered:
-            return "memory"
-        offset = ds.id.get_offset()
-        if offset is None:
-            return "memory"
-        if offset + h.nbytes > file_size:
-            raise FileFormatError(
-                f"{self.where}: key {name!r} declares {h.nbytes} bytes at offset {offset} but the file has {file_size} bytes; truncated or damaged"
-            )
-        return "mmap"
-
-    def read(self, names: Sequence[str], lazy: bool) -> dict[str, Any]:
-        out = {}
-        for name in names:
-            mode, ds, h = self.plan[name]
-            if mode == "empty":
-                out[name] = np.zeros(h.shape, dtype=h.dtype)
-            elif mode == "mmap" and lazy and h.nbytes > 0 and ds.dtype.kind in NUMERIC_KINDS and ds.ndim == 2:
-                # stored (columns, rows) in C order == the MATLAB (rows, columns) array in Fortran order
-                out[name] = np.memmap(ds.file.filename, dtype=ds.dtype, mode="r", offset=ds.id.get_offset(), shape=ds.shape).T
-            else:
-                out[name] = _read_transposed(ds, h)
-        return out
-
-
-class _OutsideFile(Exception):
-    pass
-
-
-def _read_transposed(ds: Any, h: ArrayHeader) -> np.ndarray:
-    """A 2-D dataset stored (columns, rows), read into a row-major (rows, columns) array block by
-    block (whole chunks at a time), so no second full copy is made."""
-    out = np.empty(h.shape, dtype=ds.dtype)
-    step = max(1, _BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
-    if ds.chunks:
-        step = max(ds.chunks[0], step - step % ds.chunks[0])
-    for c0 in range(0, ds.shape[0], step):
-        out[:, c0 : c0 + step] = ds[c0 : c0 + step].T
-    return out
-
-
-class _MatlabV5:
-    """MATLAB v5 (and v4) ``.mat``, read with scipy; rows already items."""
-
-    def __init__(self, path: Path, allow_external: bool = False):
-        from scipy.io import whosmat
-
-        self.path, self.size, self.where = path, path.stat().st_size, f"{path} (mat-v5)"
-        self.info = {name: (tuple(int(n) for n in shape), cls) for name, shape, cls in whosmat(str(path), appendmat=False)}
-        self.names = list(self.info)
-
-    def header(self, name: str) -> ArrayHeader:
-        shape, cls = self.info[name]
-        if cls == "sparse":
-            raise _sparse(self.where, name)
-        if cls not in _MATLAB_DTYPES:
-            raise FileFormatError(f"{self.where}: key {name!r} holds a MATLAB {cls} array; expected a numeric matrix")
-        h = ArrayHeader(shape, np.dtype(_MATLAB_DTYPES[cls]))
-        check_stored_size(self.where, name, h.nbytes, self.size, compressed=True)  # v7 compresses each variable
-        return h
-
-    def read(self, names: Sequence[str], lazy: bool) -> dict[str, Any]:
-        from scipy.io import loadmat
-
-        data = loadmat(str(self.path), variable_names=list(names), appendmat=False)
-        return {n: data[n] for n in names}
-
-
 _SOURCES = {
-    "mat-v7.3": _MatlabHdf5,
-    "mat-v5": _MatlabV5,
+    "mat-v7.3": MatlabHdf5,
+    "mat-v5": lambda path, allow_external: MatlabV5(path),
     "npz": lambda path, allow_external: NpzArrays(path),
     "npy": lambda path, allow_external: NpyFolder(path),
     "safetensors": lambda path, allow_external: SafetensorsArrays(path),
