@@ -3,13 +3,21 @@
 :func:`extract_features` writes the nine benchmark arrays (``I_tr T_tr L_tr I_db T_db L_db I_te
 T_te L_te``, DESIGN.md §2) to ``.npz`` or ``.safetensors``, the format the benchmark DataModules
 read, so a benchmark can be rebuilt from raw images + captions. Features are computed once per
-item (train items are database items) in chunks of ``chunk_size`` items; each finished chunk is
-written atomically to ``<out>.parts/``, so an interrupted run restarted with the same arguments
-recomputes nothing already finished and writes byte-for-byte the file an uninterrupted run would.
+item (train items are database items) in chunks of ``chunk_size`` items, kept in
+``<out>.parts/``, a :class:`dmmh.chunks.ChunkStore`: self-describing, locked against a second
+writer (:class:`~dmmh.chunks.ChunkStoreBusy`), every finished chunk verified when it is reused
+(a bad one is recomputed with a warning). It is removed once ``out`` is written.
 
-The output and the chunk folder record the backbone's fingerprint (architecture, checkpoint,
-transform and a hash of every weight) and the data's (image paths, sizes, captions, labels,
-splits); extraction refuses to mix features of another backbone or data set into either.
+Resuming: an interrupted run restarted recomputes only unfinished chunks. With the same
+``batch_size`` and ``device`` it writes byte-for-byte the file an uninterrupted run would; with
+others (allowed, with a warning) the features equal an uninterrupted run's within float rounding,
+not byte for byte. Each chunk records the settings it was computed with; the output lists them
+(``computed_with``).
+
+The output and the chunk folder record the backbone's fingerprint (architecture, transform and
+the bytes of every weight, not the checkpoint's path) and the data's (image paths relative to
+``root``, file sizes, captions, labels, splits); extraction refuses to mix features of another
+backbone or data set into either.
 
 Command line (:mod:`dmmh.commands.extract`): ``dmmh extract --root IMAGES --out feats.npz --model ViT-B-32 --pretrained ckpt.pt``.
 """
@@ -19,23 +27,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dmmh._io import atomic_write
+from dmmh._io import atomic_write, write_npz
+from dmmh.chunks import ChunkStore, ChunkStoreBusy
 from dmmh.data.pairs import PairsDataModule
 from dmmh.data.readers import SPLIT_KEYS
 
 __all__ = ["extract_features", "read_extraction_meta", "write_npz", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunk folders are ChunkStores; fingerprints of weight bytes, relative image paths
 META_KEY = "dmmh_extraction"  # npz entry / safetensors metadata key holding the JSON record
-_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so that equal arrays give equal .npz bytes
+_IDENTITY = ("format_version", "backbone", "data", "items", "chunk_size")  # what must match to reuse
 
 
 def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, batch_size: int = 64,
@@ -44,7 +52,8 @@ def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, ba
     :class:`~dmmh.encoders.clip.ClipBackbone`, run frozen in eval mode) into ``out``.
 
     Returns ``out``. An existing ``out`` from the same backbone and data is returned as is; one
-    from another backbone or data set is an error (delete it or choose another path).
+    from another backbone or data set is an error (delete it or choose another path). Another
+    run writing the same ``out`` raises :class:`~dmmh.chunks.ChunkStoreBusy`.
     """
     out = Path(out)
     fmt = {".npz": "npz", ".safetensors": "safetensors"}.get(out.suffix)
@@ -53,22 +62,46 @@ def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, ba
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     data.splits  # noqa: B018  (reads and validates the metadata)
-    record = {"format_version": FORMAT_VERSION, "backbone": backbone.fingerprint(), "data": _data_fingerprint(data),
-              "backbone_spec": {k: v for k, v in backbone.spec().items() if k != "config"}, "chunk_size": int(chunk_size),
-              "items": len(data.table)}
-    if out.exists():
-        _check_same(read_extraction_meta(out), record, str(out))
-        return out
-    parts = out.with_name(out.name + ".parts")
-    _open_parts(parts, record)
     n = len(data.table)
-    chunks = [(c, range(s, min(s + chunk_size, n))) for c, s in enumerate(range(0, n, chunk_size))]
-    todo = [(c, r) for c, r in chunks if not (parts / f"chunk_{c:06d}.npz").exists()]
-    backbone = backbone.to(device).eval()
+    record = {"format_version": FORMAT_VERSION, "backbone": backbone.fingerprint(), "data": _data_fingerprint(data),
+              "items": n, "chunk_size": int(chunk_size)}
+    parts = out.with_name(out.name + ".parts")
+    if out.exists():
+        return _reuse(out, record, parts)
+    settings = {"batch_size": int(batch_size), "device": torch.device(device).type}
+    with ChunkStore(parts, record, n, chunk_size) as store:
+        if out.exists():  # another run finished it between our first look and our lock
+            return _reuse(out, record, parts, store)
+        todo = store.pending()
+        others = [i for i in store.chunk_infos() if i is not None and i != settings]
+        if others:
+            warnings.warn(f"{parts}: finished chunks were computed with {_distinct(others)}, this run uses {settings}: "
+                          f"the features will equal an uninterrupted run's within float rounding, not byte for byte",
+                          stacklevel=2)
+        _compute(data, backbone.to(device).eval(), store, todo, batch_size, device, settings,
+                 _progress(progress, total=n, initial=n - sum(map(len, todo)), desc=f"extract {out.name}"))
+        features = store.read_all()
+        labels = _dense_labels(data)
+        arrays: dict[str, np.ndarray] = {}
+        for split, (ki, kt, kl) in SPLIT_KEYS.items():
+            rows = data.splits[split]
+            arrays[ki], arrays[kt], arrays[kl] = features["image"][rows], features["text"][rows], labels[rows]
+        spec = {k: v for k, v in backbone.spec().items() if k != "config"}
+        if spec.get("pretrained") and os.path.isfile(spec["pretrained"]):
+            spec["pretrained"] = os.path.basename(spec["pretrained"])  # as typed would vary; the weights are in the fingerprint
+        meta = json.dumps({**record, "backbone_spec": spec, "computed_with": _distinct(store.chunk_infos())}, sort_keys=True)
+        if fmt == "npz":
+            write_npz(out, {**arrays, META_KEY: np.array(meta)})
+        else:
+            _write_safetensors(out, arrays, {META_KEY: meta})
+        store.remove()
+    return out
+
+
+def _compute(data, backbone, store: ChunkStore, todo: list[range], batch_size: int, device, settings, bar) -> None:
     dataset = data.all_items()
-    bar = _progress(progress, total=n, initial=n - sum(len(r) for _, r in todo), desc=f"extract {out.name}")
     try:
-        for c, rows in todo:
+        for rows in todo:
             img, txt = [], []
             for start in range(rows.start, rows.stop, batch_size):
                 idx = list(range(start, min(start + batch_size, rows.stop)))
@@ -77,67 +110,68 @@ def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, ba
                     img.append(backbone.encode_image(images).float().cpu().numpy())
                     txt.append(backbone.encode_text(data.tokens[idx].to(device)).float().cpu().numpy())
                 bar.update(len(idx))
-            write_npz(parts / f"chunk_{c:06d}.npz", {"image": np.concatenate(img), "text": np.concatenate(txt)})
+            store.write(rows, {"image": np.concatenate(img), "text": np.concatenate(txt)}, info=settings)
     finally:
         bar.close()
-    image = np.concatenate([_load_chunk(parts, c)["image"] for c, _ in chunks])
-    text = np.concatenate([_load_chunk(parts, c)["text"] for c, _ in chunks])
-    labels = _dense_labels(data)
-    arrays: dict[str, np.ndarray] = {}
-    for split, (ki, kt, kl) in SPLIT_KEYS.items():
-        rows = data.splits[split]
-        arrays[ki], arrays[kt], arrays[kl] = image[rows], text[rows], labels[rows]
-    meta = json.dumps(record, sort_keys=True)
-    if fmt == "npz":
-        write_npz(out, {**arrays, META_KEY: np.array(meta)})
-    else:
-        _write_safetensors(out, arrays, {META_KEY: meta})
-    shutil.rmtree(parts)
+
+
+def _reuse(out: Path, record: dict[str, Any], parts: Path, store: ChunkStore | None = None) -> Path:
+    """Return a finished ``out`` of this backbone and data; remove a chunk folder a killed run left."""
+    _check_same(read_extraction_meta(out), record, str(out))
+    try:
+        (store or ChunkStore(parts, record, record["items"], record["chunk_size"])).remove()
+    except (ChunkStoreBusy, ValueError):
+        pass  # in use by a concurrent run (it removes it when done), or not ours: leave it
     return out
+
+
+def _distinct(infos) -> list[dict]:
+    return [json.loads(t) for t in sorted({json.dumps(i, sort_keys=True) for i in infos if i is not None})]
 
 
 def read_extraction_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The extraction record stored in a file written by :func:`extract_features`."""
     path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if META_KEY not in z.files:
-                raise ValueError(f"{path}: not written by dmmh extract (no {META_KEY!r} entry); refusing to overwrite or mix")
-            return json.loads(str(z[META_KEY]))
-    with open(path, "rb") as fh:
-        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-    meta = header.get("__metadata__", {})
-    if META_KEY not in meta:
-        raise ValueError(f"{path}: not written by dmmh extract (no {META_KEY!r} metadata); refusing to overwrite or mix")
-    return json.loads(meta[META_KEY])
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                meta = str(z[META_KEY]) if META_KEY in z.files else None
+        else:
+            from dmmh._optional import require
+
+            require("safetensors", "reading .safetensors features")
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                meta = (f.metadata() or {}).get(META_KEY)
+        found = None if meta is None else json.loads(meta)
+    except Exception as exc:  # zip, npy, safetensors and JSON errors come in many types
+        raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc}); refusing to overwrite it: delete it or "
+                         f"write elsewhere") from exc
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: not written by dmmh extract (no {META_KEY!r} record); refusing to overwrite or mix")
+    return found
 
 
 def _check_same(found: dict[str, Any], want: dict[str, Any], where: str) -> None:
-    if found.get("backbone") != want["backbone"]:
-        raise ValueError(
-            f"{where} holds features of another backbone ({found.get('backbone_spec')}, fingerprint "
-            f"{str(found.get('backbone'))[:12]}) than this one ({want['backbone_spec']}, fingerprint "
-            f"{want['backbone'][:12]}); refusing to mix them: delete it or write elsewhere")
-    for key in ("data", "chunk_size", "format_version", "items"):
-        if key in found and found[key] != want[key]:
-            raise ValueError(f"{where} was made from other {key.replace('_', ' ')} ({found[key]!r} vs {want[key]!r}); "
-                             f"delete it or write elsewhere")
-
-
-def _open_parts(parts: Path, record: dict[str, Any]) -> None:
-    meta = parts / "meta.json"
-    if meta.exists():
-        _check_same(json.loads(meta.read_text()), record, f"{parts} (an interrupted extraction)")
-        return
-    parts.mkdir(parents=True, exist_ok=True)
-    atomic_write(meta, lambda f: f.write(json.dumps(record, sort_keys=True).encode()))
+    for key in _IDENTITY:
+        if found.get(key) == want[key]:
+            continue
+        if key == "backbone":
+            raise ValueError(
+                f"{where} holds features of another backbone ({found.get('backbone_spec')}, fingerprint "
+                f"{str(found.get('backbone'))[:12]}) than this one (fingerprint {want['backbone'][:12]}); refusing to "
+                f"mix them: delete it or write elsewhere")
+        raise ValueError(f"{where} was made from other {key.replace('_', ' ')} ({found.get(key)!r} vs {want[key]!r}); "
+                         f"delete it or write elsewhere")
 
 
 def _data_fingerprint(data: PairsDataModule) -> str:
+    """Image paths relative to ``root`` (however ``root`` was typed), file sizes, captions, labels, splits."""
     t = data.table
     h = hashlib.sha256()
     for path, caption in zip(t.paths, t.captions):
-        h.update(json.dumps([os.path.abspath(path), os.path.getsize(path), caption]).encode())
+        h.update(json.dumps([os.path.relpath(path, data.root), os.path.getsize(path), caption]).encode())
     h.update(np.ascontiguousarray(data.label_array).tobytes())
     for split in ("train", "database", "query"):
         h.update(split.encode() + np.asarray(data.splits[split], dtype=np.int64).tobytes())
@@ -151,28 +185,6 @@ def _dense_labels(data: PairsDataModule) -> np.ndarray:
     dense = np.zeros((len(y), data.num_classes), dtype=np.uint8)
     dense[np.arange(len(y)), y] = 1
     return dense
-
-
-def _load_chunk(parts: Path, c: int) -> dict[str, np.ndarray]:
-    path = parts / f"chunk_{c:06d}.npz"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable cached chunk ({exc}); delete it to recompute it") from exc
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Uncompressed ``.npz`` with fixed timestamps (reproducible bytes), written atomically."""
-
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-            for key in sorted(arrays):
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
-                with zf.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(arrays[key]), allow_pickle=False)
-
-    atomic_write(path, write)
 
 
 def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from dmmh.chunks import ChunkStoreBusy
 from dmmh.data.pairs import PairsDataModule
 from dmmh.extract import extract_features
 
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-query", type=float, default=0, help="queries drawn when there is no split column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--on-bad-row", default="error", choices=("error", "skip"))
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept image paths that lead outside --root (trusted metadata only)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=1024, help="items per cached chunk (the unit of resumption)")
     p.add_argument("--device", default="cpu")
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     config = json.loads(Path(a.model_config).read_text()) if a.model_config else None
     backbone = ClipBackbone(a.model, a.pretrained, config, normalize=not a.no_normalize)
     data = PairsDataModule(a.root, a.metadata, labels=a.labels, tag_sep=a.tag_sep, num_query=a.num_query, seed=a.seed,
-                           on_bad_row=a.on_bad_row, transform=backbone.transform, tokenizer=backbone.tokenize)
-    path = extract_features(data, backbone, a.out, a.batch_size, a.chunk_size, a.device, progress=not a.no_progress)
+                           on_bad_row=a.on_bad_row, transform=backbone.transform, tokenizer=backbone.tokenize,
+                           allow_outside_root=a.allow_outside_root)
+    try:
+        path = extract_features(data, backbone, a.out, a.batch_size, a.chunk_size, a.device, progress=not a.no_progress)
+    except ChunkStoreBusy as exc:  # another run writes the same output: say so, without a traceback
+        sys.exit(f"dmmh extract: {exc}")
     print(f"wrote {path}")

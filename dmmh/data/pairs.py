@@ -1,8 +1,12 @@
 """``pairs``: a folder of images plus a CSV / JSONL of ``image, caption[, tags][, split]``.
 
-The metadata is read with Hugging Face ``datasets`` (``csv`` or ``json`` builder). The Hugging
+The metadata is UTF-8 CSV (header row; Python's ``csv`` module, strict quoting) or JSON Lines
+(one object per line; a ``.json`` file may also hold one JSON array of objects). The Hugging
 Face ``imagefolder`` layout — images under ``root`` with ``root/metadata.jsonl`` whose
-``file_name`` column names them — is read as is. Image paths are relative to ``root``.
+``file_name`` column names them — is read as is. Image paths are relative to ``root`` and must
+stay inside it: a path that escapes it (``..``, an absolute path elsewhere, or a symlink to a file
+outside) is a bad row unless ``allow_outside_root=True`` — metadata from an untrusted source could
+otherwise make dmmh read any image file the process can read.
 
 Labels: ``tags`` (a list in JSONL, or a string split on ``tag_sep``) become multi-hot vectors
 over the sorted tag vocabulary. Without tags (``labels="instance"``) each distinct caption
@@ -11,9 +15,14 @@ discrimination — an item's codes from image, caption or both must predict its 
 class and differ from the other items' codes. Meant for sets up to ``max_instance_classes``
 distinct captions; larger sets should bring tags.
 
-Bad rows (missing or unreadable image, empty caption, malformed tags or split) are reported
-with their 1-based row number (CSV: plus the file line); ``on_bad_row="error"`` (default)
-raises listing them all, ``"skip"`` warns listing them all and leaves them out.
+Bad rows — a line that is not UTF-8, a JSONL line that is not a JSON object, a CSV row with more
+or fewer fields than the header, a missing, escaping or undecodable image (each image is decoded
+once, so a truncated JPEG is caught), an empty caption, malformed tags or split — are reported
+with their 1-based row number and file line; ``on_bad_row="error"`` (default) raises listing them
+all, ``"skip"`` warns listing them all and leaves them out. What no row can be skipped for is
+always an error naming the file and line: a header that is not UTF-8 or names a column twice,
+broken CSV quoting (an unclosed quote would swallow the rows after it). An image that fails later,
+when it is loaded, is an error naming its metadata row.
 
 Splits: a ``split`` column with ``train`` (also in the database, as in the benchmarks),
 ``database`` (alias ``db``, ``retrieval``) or ``query`` (alias ``test``); without it
@@ -23,7 +32,11 @@ rest are both train and database; ``num_query=0`` uses every item as train, data
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -32,7 +45,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dmmh._optional import require
 from dmmh.data.base import SPLITS, FeatureDataModule
 from dmmh.registry import DATAMODULES
 
@@ -63,9 +75,15 @@ class PairsTable:
     splits: list[str] | None
     rows: list[int]  # 1-based row number of each item in the metadata
     bad_rows: list[tuple[int, str]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # file line where each item's row starts
+    source: str = ""  # the metadata file
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def where(self, i: int) -> str:
+        """Item ``i``'s place in the metadata, for error messages."""
+        return f"{self.source} {_where(self.rows[i], self.lines[i] if i < len(self.lines) else 0)}"
 
 
 def find_metadata(root: str) -> str:
@@ -78,58 +96,66 @@ def find_metadata(root: str) -> str:
 
 def read_pairs(root: str, metadata: str | None = None, image_column: str | None = None, caption_column: str = "caption",
                tags_column: str | None = "tags", split_column: str | None = "split", tag_sep: str = ",",
-               on_bad_row: str = "error", cache_dir: str | None = None, check_images: bool = True) -> PairsTable:
-    """Read and validate a pairs metadata file (see the module docs)."""
+               on_bad_row: str = "error", cache_dir: str | None = None, check_images: bool = True,
+               allow_outside_root: bool = False) -> PairsTable:
+    """Read and validate a pairs metadata file (see the module docs). ``check_images`` decodes
+    every image once; ``allow_outside_root`` accepts image paths outside ``root``. ``cache_dir``
+    is no longer used (the metadata is parsed directly, without a ``datasets`` cache)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if cache_dir is not None:
+        warnings.warn("read_pairs/PairsDataModule: cache_dir is no longer used (the metadata is parsed without a "
+                      "datasets cache); drop the argument", FutureWarning, stacklevel=2)
     metadata = metadata or find_metadata(root)
     ext = os.path.splitext(metadata)[1].lower()
-    builder = {".csv": "csv", ".jsonl": "json", ".json": "json"}.get(ext)
-    if builder is None:
+    if ext not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"{metadata}: metadata must be .csv or .jsonl, got {ext or 'no extension'}")
-    datasets = require("datasets", "the pairs DataModule")
-    table = datasets.load_dataset(builder, data_files=metadata, split="train", cache_dir=cache_dir)
-    cols = table.column_names
+    cols, records, bad = (_read_csv if ext == ".csv" else _read_json_lines)(metadata)
     image_column = image_column or ("image" if "image" in cols else "file_name")
     for col in (image_column, caption_column):
         if col not in cols:
             raise ValueError(f"{metadata}: no column {col!r} (columns: {cols})")
-    data = table.to_dict()
-    tags_in = data.get(tags_column) if tags_column else None
-    splits_in = data.get(split_column) if split_column else None
-    where = (lambda i: f"row {i + 1} (line {i + 2})") if builder == "csv" else (lambda i: f"row {i + 1}")
-    out = PairsTable([], [], [] if tags_in is not None else None, [] if splits_in is not None else None, [])
-    for i, (image, caption) in enumerate(zip(data[image_column], data[caption_column])):
+    has_tags, has_splits = bool(tags_column) and tags_column in cols, bool(split_column) and split_column in cols
+    real_root = os.path.realpath(root)
+    out = PairsTable([], [], [] if has_tags else None, [] if has_splits else None, [], bad_rows=bad, source=metadata)
+    for row, line, rec in records:
         problem, path = None, None
+        image, caption = rec.get(image_column), rec.get(caption_column)
         caption = "" if caption is None else str(caption).strip()
         if not isinstance(image, str) or not image.strip():
             problem = f"no image file name in column {image_column!r}"
         else:
             path = os.path.join(root, image)
-            if not os.path.isfile(path):
+            real = os.path.realpath(path)
+            if not allow_outside_root and os.path.commonpath([real, real_root]) != real_root:
+                problem = (f"image path {image!r} resolves to {real}, outside the root folder {real_root} "
+                           f"(pass allow_outside_root=True if this metadata is trusted)")
+            elif not os.path.isfile(path):
                 problem = f"image file {path} does not exist"
             elif check_images:
                 problem = _unreadable(path)
         if problem is None and not caption:
             problem = f"empty caption in column {caption_column!r}"
-        tags = _parse_tags(tags_in[i], tag_sep) if tags_in is not None else None
+        tags = _parse_tags(rec.get(tags_column), tag_sep) if has_tags else None
         if problem is None and isinstance(tags, str):
             problem, tags = tags, None
         split = None
-        if problem is None and splits_in is not None:
-            split = SPLIT_NAMES.get(str(splits_in[i]).strip().lower())
+        if problem is None and has_splits:
+            split = SPLIT_NAMES.get(str(rec.get(split_column)).strip().lower())
             if split is None:
-                problem = f"split {splits_in[i]!r} is not one of {sorted(SPLIT_NAMES)}"
+                problem = f"split {rec.get(split_column)!r} is not one of {sorted(SPLIT_NAMES)}"
         if problem is not None:
-            out.bad_rows.append((i + 1, f"{where(i)}: {problem}"))
+            out.bad_rows.append((row, f"{_where(row, line)}: {problem}"))
             continue
         out.paths.append(path)
         out.captions.append(caption)
-        out.rows.append(i + 1)
+        out.rows.append(row)
+        out.lines.append(line)
         if out.tags is not None:
             out.tags.append(tags)
         if out.splits is not None:
             out.splits.append(split)
+    out.bad_rows.sort()
     if out.bad_rows:
         if on_bad_row == "error":
             raise BadRowsError(metadata, out.bad_rows)
@@ -139,12 +165,116 @@ def read_pairs(root: str, metadata: str | None = None, image_column: str | None 
     return out
 
 
+Records = list[tuple[int, int, dict[str, Any]]]  # (row, line, values) of each parsed row
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by errors="surrogateescape"
+
+
+def _where(row: int, line: int) -> str:
+    return f"row {row} (line {line})" if line else f"row {row}"  # line 0: an item of a JSON array
+
+
+def _decode(path: str) -> str:
+    """The file as text; bytes that are not UTF-8 survive as lone surrogates, found per row later."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8-sig", errors="surrogateescape")
+
+
+def _not_utf8(text: str) -> str | None:
+    m = _NOT_UTF8.search(text)
+    return None if m is None else f"is not UTF-8 text (byte 0x{ord(m.group()) - 0xDC00:02X}); save the metadata as UTF-8"
+
+
+def _read_csv(path: str) -> tuple[list[str], Records, list[tuple[int, str]]]:
+    """Header, rows and bad rows of a CSV file. Quoting errors cannot be skipped: an error."""
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
+    records: Records = []
+    bad: list[tuple[int, str]] = []
+    header: list[str] | None = None
+    line = 1
+    try:
+        for fields in reader:
+            start, line = line, reader.line_num + 1
+            if not fields:  # a blank line
+                continue
+            if header is None:
+                header = [h.strip() for h in fields]
+                problem = _not_utf8(",".join(header))
+                if problem:
+                    raise ValueError(f"{path}: line {start} (the header) {problem}")
+                twice = sorted({h for h in header if header.count(h) > 1})
+                if twice:
+                    raise ValueError(f"{path}: line {start} (the header) names column(s) {twice} more than once")
+                continue
+            row = len(records) + len(bad) + 1
+            problem = _not_utf8("\x00".join(fields))
+            if problem is None and len(fields) != len(header):
+                problem = f"has {len(fields)} fields, the header has {len(header)} (a missing or extra separator?)"
+            if problem:
+                bad.append((row, f"{_where(row, start)}: {problem}"))
+            else:
+                records.append((row, start, dict(zip(header, fields))))
+    except csv.Error as exc:
+        raise ValueError(f"{path}: line {reader.line_num}: malformed CSV ({exc}); no row can be skipped past it: "
+                         f"fix the quoting") from None
+    if header is None:
+        raise ValueError(f"{path}: empty (no header row)")
+    return header, records, bad
+
+
+def _read_json_lines(path: str) -> tuple[list[str], Records, list[tuple[int, str]]]:
+    """Columns (union of keys, in first-seen order), rows and bad rows of a JSON Lines file (or a
+    ``.json`` file holding one array of objects)."""
+    text = _decode(path)
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        problem = _not_utf8(text)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        numbered = [(i + 1, 0, item) for i, item in enumerate(items)] if isinstance(items, list) else []
+    else:
+        numbered = []
+        for n, raw in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
+            if raw.strip():
+                numbered.append((len(numbered) + 1, n, raw))
+    cols: dict[str, None] = {}
+    records: Records = []
+    bad: list[tuple[int, str]] = []
+    for row, line, item in numbered:
+        where = _where(row, line)
+        if isinstance(item, str):
+            problem = _not_utf8(item)
+            if problem:
+                bad.append((row, f"{where}: {problem}"))
+                continue
+            try:
+                item = json.loads(item)
+            except ValueError as exc:
+                bad.append((row, f"{where}: not valid JSON ({exc})"))
+                continue
+        if not isinstance(item, dict):
+            bad.append((row, f"{where}: a JSON {type(item).__name__}, expected an object with the columns"))
+            continue
+        cols.update(dict.fromkeys(item))
+        records.append((row, line, item))
+    if not numbered:
+        raise ValueError(f"{path}: empty (no JSON object)")
+    return list(cols), records, bad
+
+
 def _unreadable(path: str) -> str | None:
+    """Why the image cannot be decoded, or None. ``verify()`` checks structure (PNG checksums) but
+    decodes nothing; ``load()`` decodes, so truncated or garbled JPEG data fails here."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            im.draft(im.mode, (1, 1))  # JPEG: decode at 1/8 scale, which still reads all of its data
+            im.load()
     except Exception as exc:  # PIL raises many types for broken files
         return f"image file {path} is unreadable ({type(exc).__name__}: {exc})"
     return None
@@ -161,25 +291,26 @@ def _parse_tags(value: Any, sep: str) -> list[str] | str:
     return f"tags must be a list of strings or a {sep!r}-separated string, got {value!r}"
 
 
-def load_image(path: str):
-    """An RGB PIL image; errors name the file."""
+def load_image(path: str, where: str | None = None):
+    """An RGB PIL image; errors name the file (and ``where``, e.g. its metadata row)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except Exception as exc:
-        raise ValueError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{where + ': ' if where else ''}cannot read image {path} ({type(exc).__name__}: {exc})") from exc
 
 
 class PairsDataset(Dataset):
     """Items ``rows`` of a table as ``{"image", "text", "label", "index"}``: the image through
-    ``transform``, the caption's token ids, the label row (dense, or one-hot of a class id)."""
+    ``transform``, the caption's token ids, the label row (dense, or one-hot of a class id).
+    ``where(r)`` names table item ``r`` in image errors (e.g. :meth:`PairsTable.where`)."""
 
     def __init__(self, paths: Sequence[str], tokens: torch.Tensor, labels: np.ndarray, num_classes: int,
-                 rows: np.ndarray, transform: Callable):
+                 rows: np.ndarray, transform: Callable, where: Callable[[int], str] | None = None):
         self.paths, self.tokens, self.labels, self.num_classes = paths, tokens, labels, num_classes
-        self.rows, self.transform = np.asarray(rows, dtype=np.int64), transform
+        self.rows, self.transform, self.where = np.asarray(rows, dtype=np.int64), transform, where
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -191,7 +322,8 @@ class PairsDataset(Dataset):
             label[int(self.labels[r])] = 1
         else:
             label = torch.as_tensor(self.labels[r], dtype=torch.float32)
-        return {"image": self.transform(load_image(self.paths[r])), "text": self.tokens[r], "label": label,
+        image = load_image(self.paths[r], self.where(r) if self.where is not None else None)
+        return {"image": self.transform(image), "text": self.tokens[r], "label": label,
                 "index": torch.tensor(i, dtype=torch.int64)}
 
 
@@ -208,11 +340,12 @@ class PairsDataModule(FeatureDataModule):
         labels: ``"tags"``, ``"instance"`` or ``"auto"`` (tags when the column exists).
         max_instance_classes: refuse ``"instance"`` labels above this many distinct captions.
         on_bad_row: ``"error"`` or ``"skip"`` (see the module docs).
+        allow_outside_root: accept image paths that lead outside ``root`` (default: a bad row).
         num_query: queries drawn when there is no split column (count, or fraction when < 1).
         clip_model, clip_pretrained, clip_config: build the image transform and tokenizer of this
             open_clip model (see :class:`dmmh.encoders.clip.ClipBackbone`) ...
         transform, tokenizer: ... or pass them (``PIL image → tensor``, ``list[str] → (N, L) ids``).
-        cache_dir: ``datasets`` cache folder.
+        cache_dir: no longer used (deprecated; the metadata is parsed without a cache).
         batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
     """
 
@@ -222,7 +355,7 @@ class PairsDataModule(FeatureDataModule):
                  num_query: float = 0, clip_model: str | None = None, clip_pretrained: str | None = None,
                  clip_config: Mapping[str, Any] | None = None, transform: Callable | None = None,
                  tokenizer: Callable | None = None, cache_dir: str | None = None, batch_size: int = 64,
-                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0):
+                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0, allow_outside_root: bool = False):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
@@ -233,7 +366,7 @@ class PairsDataModule(FeatureDataModule):
         self.save_hyperparameters(ignore=["transform", "tokenizer"])
         self.read_kwargs = dict(metadata=metadata, image_column=image_column, caption_column=caption_column,
                                 tags_column=tags_column, split_column=split_column, tag_sep=tag_sep,
-                                on_bad_row=on_bad_row, cache_dir=cache_dir)
+                                on_bad_row=on_bad_row, cache_dir=cache_dir, allow_outside_root=allow_outside_root)
         self.root, self.labels_mode, self.max_instance_classes = root, labels, int(max_instance_classes)
         self.num_query = num_query
         self._transform, self._tokenizer = transform, tokenizer
@@ -341,10 +474,11 @@ class PairsDataModule(FeatureDataModule):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         rows = self.splits[split]
-        return PairsDataset(self.table.paths, self.tokens, self.label_array, self.num_classes, rows, self._transform)
+        return PairsDataset(self.table.paths, self.tokens, self.label_array, self.num_classes, rows, self._transform,
+                            self.table.where)
 
     def all_items(self) -> PairsDataset:
         """Every usable item, in file order."""
         self.splits  # noqa: B018
         return PairsDataset(self.table.paths, self.tokens, self.label_array, self.num_classes,
-                            np.arange(len(self.table)), self._transform)
+                            np.arange(len(self.table)), self._transform, self.table.where)

@@ -114,11 +114,15 @@ class ClipBackbone(nn.Module):
 
     @torch.no_grad()
     def fingerprint(self) -> str:
-        """SHA-256 of :meth:`spec` and every weight: equal fingerprints compute equal features."""
-        h = hashlib.sha256(json.dumps(self.spec(), sort_keys=True, default=str).encode())
+        """SHA-256 of what the backbone is: :meth:`spec` less the ``pretrained`` path, and every
+        weight's name, dtype, shape and bytes. Equal fingerprints compute equal features; a
+        checkpoint named by another path (absolute, relative, a copy) gives the same one."""
+        spec = {k: v for k, v in self.spec().items() if k != "pretrained"}
+        h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
         for name, t in sorted(self.clip.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            t = t.detach().to("cpu").contiguous()
+            h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
 
