@@ -96,6 +96,13 @@ def test_find_feature_file(tmp_path, arrays):
         find_feature_file(empty)
 
 
+def test_fifo_and_device_are_refused_without_reading(tmp_path):
+    os.mkfifo(tmp_path / "pipe.mat")  # opening it for reading would wait for a writer forever
+    for path in (tmp_path / "pipe.mat", "/dev/zero"):
+        with pytest.raises(FileFormatError, match=r"is not a regular file"):
+            read_feature_file(path)
+
+
 def test_unknown_format(tmp_path):
     path = tmp_path / "features.bin"
     path.write_bytes(b"\x01\x02garbage" * 20)
@@ -193,6 +200,27 @@ def test_write_npy_folder_is_row_major_identical_and_atomic(tmp_path, arrays):
     with pytest.raises(FileExistsError):
         write_npy_folder(ff.arrays, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "m.mat"]  # no temporary left
+
+
+_DYING_WRITER = """
+import os, sys, numpy as np
+from dmmh.data.cache import write_npy_folder
+class Dies:  # an array whose rows cannot be read: the writer is killed mid-write
+    shape, dtype = (10, 3), np.dtype("f4")
+    def __getitem__(self, rows):
+        os._exit(9)
+write_npy_folder({"a": np.ones((4, 2)), "b": Dies()}, sys.argv[1])
+"""
+
+
+def test_a_killed_cache_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path, arrays):
+    proc = subprocess.run([sys.executable, "-c", _DYING_WRITER, str(tmp_path / "cache")], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    (stale,) = tmp_path.iterdir()
+    assert stale.name.startswith(".cache.") and (stale / "a.npy").is_file()
+    write_npy_folder(arrays, tmp_path / "cache")
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
 
 
 # -- HDF5: data outside the file ----------------------------------------------------------------

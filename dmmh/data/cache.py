@@ -5,8 +5,7 @@ row by row (compressed or column-major MATLAB files, ``.npz``, safetensors).
 time and a fingerprint of sampled bytes) **before** reading the source, so a hit costs no
 decompression. Every copy carries a ``manifest.json`` with each file's size and SHA-256, written
 with it; a hit is verified against it and, if anything differs, rebuilt with a warning that says
-what was wrong. :func:`write_npy_folder` writes a folder atomically (built in a temporary sibling,
-then renamed into place).
+what was wrong. :func:`write_npy_folder` writes a folder atomically (:func:`~dmmh._io.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dmmh._arrayfiles import FileFormatError
+from dmmh._io import atomic_dir
 from dmmh.data.readers import ALL_KEYS, FeatureFile, read_feature_file
 
 __all__ = ["CACHE_VERSION", "MANIFEST", "source_identity", "write_npy_folder", "verify_npy_folder", "cached_feature_file"]
@@ -59,14 +58,10 @@ def _sha256(path: Path) -> str:
 
 def write_npy_folder(arrays: Mapping[str, Any], folder: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``arrays`` as row-major ``{key}.npy`` files into ``folder`` (which must not exist yet),
-    with a :data:`MANIFEST` holding ``meta`` and every file's size and SHA-256; built in a
-    temporary sibling folder, then renamed into place."""
+    with a :data:`MANIFEST` holding ``meta`` and every file's size and SHA-256, atomically
+    (:func:`~dmmh._io.atomic_dir`: a killed writer's temporary is removed by the next write)."""
     folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{str(folder)!r} already exists")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         files = {}
         for key, a in arrays.items():
             out = np.lib.format.open_memmap(tmp / f"{key}.npy", mode="w+", dtype=a.dtype, shape=tuple(a.shape))
@@ -75,12 +70,7 @@ def write_npy_folder(arrays: Mapping[str, Any], folder: str | os.PathLike, meta:
             out.flush()
             del out
             files[f"{key}.npy"] = {"bytes": (tmp / f"{key}.npy").stat().st_size, "sha256": _sha256(tmp / f"{key}.npy")}
-        manifest = {"version": CACHE_VERSION, **(meta or {}), "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST).write_text(json.dumps({"version": CACHE_VERSION, **(meta or {}), "files": files}, indent=1))
     return folder
 
 

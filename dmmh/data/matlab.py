@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dmmh._arrayfiles import NUMERIC_KINDS, ArrayHeader, FileFormatError, check_stored_size
+from dmmh._arrayfiles import ArrayHeader, FileFormatError, check_stored_size
 
 __all__ = ["MatlabHdf5", "MatlabV5"]
 
@@ -40,6 +40,10 @@ def _sparse(where: str, key: str) -> FileFormatError:
         f"{where}: key {key!r} is a MATLAB sparse matrix; sparse is not supported, save it dense "
         f"(in MATLAB: {key} = full({key}), then save again)"
     )
+
+
+class _OutsideFile(Exception):
+    """A link that leads out of the file (its message says where)."""
 
 
 class MatlabHdf5:
@@ -153,16 +157,12 @@ class MatlabHdf5:
             mode, ds, h = self.plan[name]
             if mode == "empty":
                 out[name] = np.zeros(h.shape, dtype=h.dtype)
-            elif mode == "mmap" and lazy and h.nbytes > 0 and ds.dtype.kind in NUMERIC_KINDS and ds.ndim == 2:
+            elif mode == "mmap" and lazy and h.nbytes > 0:
                 # stored (columns, rows) in C order == the MATLAB (rows, columns) array in Fortran order
                 out[name] = np.memmap(ds.file.filename, dtype=ds.dtype, mode="r", offset=ds.id.get_offset(), shape=ds.shape).T
             else:
                 out[name] = _read_transposed(ds, h)
         return out
-
-
-class _OutsideFile(Exception):
-    pass
 
 
 def _read_transposed(ds: Any, h: ArrayHeader) -> np.ndarray:

@@ -105,6 +105,8 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_dir():
         return "npy"
+    if path.exists() and not path.is_file():  # opening a FIFO would wait forever, /dev/zero never ends
+        raise FileFormatError(f"{str(path)!r} is not a regular file (a FIFO or a device?); expected a feature file")
     with open(path, "rb") as fh:
         head = fh.read(128)
     import h5py
