@@ -141,5 +141,5 @@ def cached_feature_file(
                 raise
         manifest = verify_npy_folder(folder)
     cached = read_feature_file(folder, mmap=True)
-    cached.format = f"npy cache of {manifest.get('source_format', 'a')} file {path}"
+    cached.format = f"npy cache of {manifest.get('source_format', 'a')} {path}"
     return cached, manifest
