@@ -103,20 +103,20 @@ def check_stored_size(where: str, name: str, declared: int, stored: int, compres
 
 
 # -- .npy ----------------------------------------------------------------------------------------
-def npy_header(fp: Any, where: str, name: str) -> tuple[ArrayHeader, bool, int]:
-    """``(header, fortran_order, header_length)`` of the ``.npy`` stream ``fp`` (at its start)."""
+def npy_header(fp: Any, where: str, name: str) -> tuple[ArrayHeader, int]:
+    """``(header, header length)`` of the ``.npy`` stream ``fp`` (read from its start)."""
     fmt = np.lib.format
     version = fmt.read_magic(fp)
     if version == (1, 0):
-        shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+        shape, _, dtype = fmt.read_array_header_1_0(fp)
     elif version == (2, 0):
-        shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+        shape, _, dtype = fmt.read_array_header_2_0(fp)
     else:
         raise FileFormatError(f"{where}: key {name!r} is a .npy version {version}; expected 1.0 or 2.0")
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise FileFormatError(f"{where}: key {name!r} holds Python objects (dtype {dtype}); expected numbers (never unpickled)")
-    return ArrayHeader(tuple(int(n) for n in shape), dtype), bool(fortran), fp.tell()
+    return ArrayHeader(tuple(int(n) for n in shape), dtype), fp.tell()
 
 
 class NpyFolder:
@@ -129,7 +129,7 @@ class NpyFolder:
     def header(self, name: str) -> ArrayHeader:
         path = self.folder / f"{name}.npy"
         with reading(str(path)), open(path, "rb") as fh:
-            h, _, offset = npy_header(fh, str(path), name)
+            h, offset = npy_header(fh, str(path), name)
         size = path.stat().st_size
         if offset + h.nbytes != size:
             raise FileFormatError(
@@ -167,7 +167,7 @@ class NpzArrays:
         if info.header_offset + info.compress_size > self.size:
             raise FileFormatError(f"{where}: member {info.filename!r} extends past the end of the file; truncated or damaged")
         with reading(where), self.zip.open(info) as fh:
-            h, _, offset = npy_header(fh, where, name)
+            h, offset = npy_header(fh, where, name)
         if offset + h.nbytes != info.file_size:
             raise FileFormatError(
                 f"{where}: key {name!r} declares {h.dtype} {h.shape} ({h.nbytes} bytes) but its member holds "
