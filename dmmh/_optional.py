@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Iterable
 
 # module → (extra, pip name)
 EXTRAS = {
@@ -40,3 +41,22 @@ def available(module: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def require_all(modules: Iterable[str], feature: str) -> list[ModuleType]:
+    """Import every module in ``modules``, or raise one :class:`MissingDependencyError` naming every missing
+    package and one ``pip install 'dmmh[extra,...]'`` for all of them. Call it before the work starts."""
+    found, missing = [], {}
+    for module in dict.fromkeys(modules):
+        try:
+            found.append(importlib.import_module(module))
+        except ImportError:
+            top = module.partition(".")[0]
+            missing[module] = EXTRAS.get(module) or EXTRAS.get(top) or (None, top)
+    if not missing:
+        return found
+    extras = sorted({extra for extra, _ in missing.values() if extra})
+    plain = sorted({package for extra, package in missing.values() if not extra})
+    how = ([f"pip install 'dmmh[{','.join(extras)}]'"] if extras else []) + ([f"pip install {' '.join(plain)}"] if plain else [])
+    packages = ", ".join(sorted({repr(package) for _, package in missing.values()}))
+    raise MissingDependencyError(f"{feature}: missing optional package(s) {packages}; install with {' and '.join(how)}")

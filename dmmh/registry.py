@@ -153,7 +153,16 @@ class Registry:
             folded = {k.lower().replace("-", "_"): k for k in known}
             close = [folded[k] for k in difflib.get_close_matches(name.lower().replace("-", "_"), folded, 3, 0.5)]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownComponentError(f"unknown {self.kind} {name!r}{hint} (available: {', '.join(known) or 'none'})")
+        raise UnknownComponentError(
+            f"unknown {self.kind} {name!r}{hint} (available: {', '.join(known) or 'none'}){self._plugin_hint()}"
+        )
+
+    def _plugin_hint(self) -> str:
+        """How a component defined outside dmmh becomes known (e.g. in a fresh process loading a checkpoint)."""
+        if self.group is None:
+            return ""
+        return (f". A {self.kind} defined outside dmmh is known only after the module that registers it is "
+                f"imported, or when its package declares it under the {self.group!r} entry point")
 
     def _load_plugins(self, force: bool = False) -> None:
         if self._plugins_loaded and not force:

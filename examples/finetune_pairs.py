@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
+import open_clip
 import torch
 
 import dmmh
 from dmmh._io import atomic_write
 from dmmh.data.pairs import PairsDataModule, load_image
+from dmmh.encoders.clip import register_clip_config
 from dmmh.hashing import HammingIndex
 
 MODES = ("pair", "image", "caption")
@@ -34,17 +36,26 @@ LOSSES = {"central_similarity": 1.0, "quantization": 0.1}
 def build(root: str, model: str, pretrained: str | None = None, model_config: Mapping[str, Any] | None = None,
           n_bits: int = 32, dim: int = 32, modality_dropout: float = 0.5, lr: float = 3e-3, batch_size: int = 64,
           seed: int = 0, losses: Mapping[str, Any] | None = None, **data_kw) -> tuple[PairsDataModule, dmmh.DMMHModule]:
-    """The data module and the Lightning module (frozen CLIP + token encoder + fusion + hash head)."""
+    """The data module and the Lightning module (frozen CLIP + token encoder + fusion + hash head).
+
+    The CLIP model is built only by the module's ``clip_image`` / ``clip_text`` encoders (each keeps its
+    tower). The data module takes open_clip's tokenizer, which needs no model, and borrows the image
+    encoder's transform: that encoder exists only once the module is built, which needs the data's
+    class count."""
     L.seed_everything(seed, verbose=False)
+    if model_config is not None:
+        register_clip_config(model, model_config)
     clip = {"model": model, "pretrained": pretrained, "model_config": model_config, "freeze": True,
             "head": "mamba"}
-    data = PairsDataModule(root, batch_size=batch_size, seed=seed, clip_model=model, clip_pretrained=pretrained,
-                           clip_config=model_config, **data_kw)
+    encoders: dict[str, Any] = {}
+    data = PairsDataModule(root, batch_size=batch_size, seed=seed, tokenizer=open_clip.get_tokenizer(model),
+                           transform=lambda image: encoders["image"].transform(image), **data_kw)
     module = dmmh.DMMHModule(
         image_dim=data.image_dim, text_dim=data.text_dim, n_classes=data.num_classes, n_bits=n_bits, dim=dim,
         num_tokens=n_bits, image_encoder="clip_image", text_encoder="clip_text", encoder_kwargs=clip,
         fusion="cnn_deep", head="tanh", modality_dropout=modality_dropout, lr=lr,
         losses=dict(losses) if losses is not None else LOSSES)
+    encoders.update(module.model.encoders)
     return data, module
 
 

@@ -31,11 +31,16 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_finetune_pairs_finds_every_item_by_pair_image_and_caption(tmp_path, one_thread):
+def test_finetune_pairs_finds_every_item_by_pair_image_and_caption(tmp_path, one_thread, monkeypatch):
+    import dmmh.encoders.clip as clip
+
     fp = load("finetune_pairs")
     make_pairs_folder(tmp_path, 8, "jsonl")
+    built = []
+    monkeypatch.setattr(clip, "_create", lambda *a, _create=clip._create: built.append(a[1:]) or _create(*a))
     out = fp.run(str(tmp_path), str(tmp_path / "run"), TINY_NAME, None, TINY_CLIP, epochs=300, n_bits=16, dim=16,
                  lr=1e-2, modality_dropout=0.6, seed=0, tags_column=None, cache_dir=str(tmp_path / ".hf"))
+    assert len(built) == 2  # the CLIP model is built once per tower, by the model's two encoders (data borrows them)
     index = fp.load_index(out["index"])
     codes, items = index
     assert Path(out["index"]).is_file() and len(items) == 8

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -62,8 +64,9 @@ def test_report_from_checkpoint(tmp_path):
     trainer.fit(model, dm)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     out = tmp_path / "r"
-    dmmh_main(["report", "--ckpt", str(tmp_path / "m.ckpt"), "--data", "synthetic", "--data-args", json.dumps(args),
-               "--out", str(out), "--name", "dmmh8", "--no-plots"])
+    data_args = [f"--data.{k}={v}" for k, v in args.items()]
+    dmmh_main(["report", "--ckpt", str(tmp_path / "m.ckpt"), "--data", "synthetic", *data_args,
+               "--out", str(out), "--name", "dmmh8", "--no-plots", "--no-progress"])
     saved = json.loads((out / "metrics.json").read_text())["runs"]["dmmh8"]
     s = dm.splits
     enc = [model.encode(torch.from_numpy(s[k].image), torch.from_numpy(s[k].text)) for k in ("query", "database")]
@@ -83,3 +86,66 @@ def test_bad_codes_file_and_arguments(tmp_path):
         load_codes(tmp_path / "x.txt")
     with pytest.raises(SystemExit):
         dmmh_main(["report", "--ckpt", "a.ckpt", "--out", str(tmp_path)])  # --ckpt needs --data
+
+
+def mir_checkpoint(tmp_path, rng):
+    """A small MIR-format MATLAB v7.3 file (memory-mapped read-only on load) and a checkpoint trained on it."""
+    import lightning as L
+
+    from _benchmark_files import make_arrays, write_mat73
+    from dmmh import DMMHModule
+    from dmmh.data import MIRFlickr25K
+
+    mat = write_mat73(tmp_path / "mir_cnn_twt.mat", make_arrays(rng, 24, sizes=(12, 9, 30)))
+    model = DMMHModule(image_dim=7, text_dim=5, n_classes=24, n_bits=16, encoder="mlp", dim=8, fusion="additive")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, MIRFlickr25K(str(mat), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "mir16.ckpt")
+    return mat, tmp_path / "mir16.ckpt", model
+
+
+def test_report_from_checkpoint_with_a_fit_config(tmp_path, rng):
+    """``dmmh report --ckpt`` takes fit's ``-c`` (a shipped config's name) and ``--data.*``; it shows a progress
+    bar, raises no "not writable" warning on a read-only memory map (torch warns once per process: a fresh
+    one), and ``--save-codes`` writes codes files that ``--codes`` reads back into the same report."""
+    from dmmh.data import MIRFlickr25K
+
+    mat, ckpt, model = mir_checkpoint(tmp_path, rng)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dmmh.cli", "report", "--ckpt", str(ckpt), "-c", "mirflickr/dmmh_64", "--data.root", str(mat),
+         "--data.eval_batch_size", "4", "--out", str(tmp_path / "r1"), "--save-codes", str(tmp_path / "codes"), "--no-plots"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not writable" not in proc.stderr
+    assert "encode mir16.ckpt" in proc.stderr and "39/39" in proc.stderr  # progress over query + database items
+    s = MIRFlickr25K(str(mat), mmap=False).splits
+    enc = {k: model.encode(torch.from_numpy(s[k].image), torch.from_numpy(s[k].text.astype(np.float32))) for k in ("query", "database")}
+    expected = retrieval_metrics(enc["query"], enc["database"], torch.from_numpy(s["query"].label),
+                                 torch.from_numpy(s["database"].label), precision_ks=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
+    first = json.loads((tmp_path / "r1" / "metrics.json").read_text())["runs"]["mir16"]
+    assert first["mAP"] == expected["mAP"] and first["n_database"] == 30 and first["n_bits"] == 16
+    saved = load_codes(tmp_path / "codes" / "mir16.npz")
+    assert torch.equal(saved["query_codes"], enc["query"] >= 0) and torch.equal(saved["database_codes"], enc["database"] >= 0)
+    dmmh_main(["report", "--codes", str(tmp_path / "codes" / "mir16.npz"), "--out", str(tmp_path / "r2"), "--no-plots"])
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["runs"]["mir16"] == first
+
+
+def test_report_checks_missing_extras_before_encoding(tmp_path, monkeypatch):
+    """Without matplotlib, ``dmmh report`` stops before any encoding with the extra to install (no traceback)."""
+    import dmmh.commands.report as report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    monkeypatch.setattr(report, "encode_checkpoint", lambda *a, **k: pytest.fail("encoded before checking extras"))
+    monkeypatch.setattr(report, "load_codes", lambda *a, **k: pytest.fail("read codes before checking extras"))
+    with pytest.raises(SystemExit) as exit_:
+        dmmh_main(["report", "--ckpt", "m.ckpt", "--data", "synthetic", "--out", str(tmp_path / "r")])
+    assert "'matplotlib'" in str(exit_.value.code) and "pip install 'dmmh[report]'" in str(exit_.value.code)
+    assert "--no-plots" in str(exit_.value.code) and not (tmp_path / "r").exists()
+    # several missing packages: one message, one install command for every extra
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    with pytest.raises(SystemExit) as exit_:
+        dmmh_main(["report", "--codes", "a.safetensors", "--out", str(tmp_path / "r")])
+    message = str(exit_.value.code)
+    assert message.startswith("dmmh report:") and "'matplotlib'" in message and "'safetensors'" in message
+    assert message.count("pip install") == 1 and "pip install 'dmmh[data,report]'" in message

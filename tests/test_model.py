@@ -184,3 +184,77 @@ def test_single_validation_loader_serves_as_query_and_database_in_fit(tmp_path):
     t = trainer(tmp_path, max_epochs=1, num_sanity_val_steps=2)
     t.fit(module, OneLoader())
     assert 0.0 <= float(t.callback_metrics["val/mAP"]) <= 1.0
+
+
+@pytest.mark.parametrize("n_bits", [0, -8, 12, 7, 1, 8.0, "16", True])
+def test_n_bits_must_be_a_positive_multiple_of_8(n_bits):
+    with pytest.raises(ValueError, match=r"n_bits must be a positive multiple of 8, got .*whole bytes"):
+        dmmh.DMMHModule(image_dim=6, text_dim=5, n_classes=3, n_bits=n_bits, encoder="mlp", dim=8)
+
+
+@pytest.mark.parametrize("n_bits", [8, 24, 128])
+def test_n_bits_multiples_of_8_are_accepted(n_bits):
+    import numpy as np
+
+    for value in (n_bits, np.int64(n_bits)):
+        m = dmmh.create_model(image_dim=6, text_dim=5, n_bits=value, encoder="mlp", dim=8, fusion="additive")
+        assert m.eval().encode(torch.randn(3, 6), torch.randn(3, 5)).shape == (3, n_bits)
+
+
+def test_test_logs_map_once_and_returns_one_dict(tmp_path, capsys):
+    """``trainer.test`` over a DataModule: one dataloader, one ``test/mAP`` (printed once), equal to the
+    functional mAP of the codes computed here, with several batches straddling the query/database boundary."""
+    L.seed_everything(3, verbose=False)
+    data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16)
+    data.eval_batch_size = 16  # 37 queries: the third batch holds 5 queries and 11 database items
+    module = module_for(data)
+    results = trainer(tmp_path).test(module, data, verbose=True)
+    assert len(results) == 1 and set(results[0]) == {"test/mAP"}
+    assert capsys.readouterr().out.count("test/mAP") == 1
+    q, db = data.splits["query"], data.splits["database"]
+    direct = mean_average_precision(module.encode(torch.from_numpy(q.image), torch.from_numpy(q.text)),
+                                    module.encode(torch.from_numpy(db.image), torch.from_numpy(db.text)),
+                                    torch.from_numpy(q.label), torch.from_numpy(db.label))
+    assert math.isclose(results[0]["test/mAP"], direct, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [(5, 9), (0, 4), (3, 0), (1, 1)])
+def test_query_database_dataset_tags_roles_in_order(rng, sizes):
+    from dmmh.data.query_database import QueryDatabaseDataset
+
+    class Items(torch.utils.data.Dataset):  # no __getitems__: the per-item path
+        def __init__(self, tag, n):
+            self.tag, self.n = tag, n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            if not 0 <= i < self.n:
+                raise IndexError(i)
+            return {"tag": self.tag, "index": torch.tensor(i)}
+
+    nq, ndb = sizes
+    both = QueryDatabaseDataset(Items("q", nq), Items("db", ndb))
+    expected = [("q", i, 0) for i in range(nq)] + [("db", i, 1) for i in range(ndb)]
+    assert len(both) == nq + ndb
+    assert [(x["tag"], int(x["index"]), int(x["role"])) for x in (both[i] for i in range(len(both)))] == expected
+    order = rng.permutation(len(both)).tolist()
+    assert [(x["tag"], int(x["index"]), int(x["role"])) for x in both.__getitems__(order)] == [expected[i] for i in order]
+    with pytest.raises(IndexError):
+        both[len(both)]
+
+
+def test_query_database_dataset_reads_feature_splits_batched():
+    """Over FeatureDatasets (their batched ``__getitems__``): the same rows as indexing each split."""
+    from dmmh.data.query_database import QueryDatabaseDataset
+
+    data = small_data(num_train=8, num_query=7, num_database=11)
+    both = QueryDatabaseDataset(data.dataset("query"), data.dataset("database"))
+    batch = torch.utils.data.default_collate(both.__getitems__([12, 0, 6, 7, 17]))
+    s = data.splits
+    rows = [("query", 0), ("query", 6), ("database", 0), ("database", 10)]
+    assert batch["role"].tolist() == [1, 0, 0, 1, 1] and batch["index"].tolist() == [5, 0, 6, 0, 10]
+    for k, (split, row) in zip([1, 2, 3, 4], rows):
+        assert torch.equal(batch["image"][k], torch.from_numpy(s[split].image[row]).float())
+    assert torch.equal(batch["text"][0], torch.from_numpy(s["database"].text[5]).float())

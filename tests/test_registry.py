@@ -140,3 +140,62 @@ def test_broken_plugin_warns_but_does_not_break(tmp_path, monkeypatch):
     reg = Registry("widget", "dmmh.test_broken")
     with pytest.warns(UserWarning, match="could not load"):
         assert reg.list() == []
+
+
+def test_checkpoint_naming_an_unregistered_head_says_how_to_register_it(tmp_path, monkeypatch):
+    """A fresh process loading a checkpoint whose head is defined downstream: the error says to import the
+    defining module or declare the ``dmmh.hash_heads`` entry point, and each remedy then loads it."""
+    import lightning as L
+
+    from dmmh.registry import HASH_HEADS
+
+    (tmp_path / "downstream_heads.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from dmmh.hashing import HashHead
+        from dmmh.registry import HASH_HEADS
+
+        @HASH_HEADS.register("downstream_softsign")
+        class DownstreamSoftSign(HashHead):
+            def relax(self, z):
+                return torch.nn.functional.softsign(z)
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import downstream_heads  # noqa: F401  (registers the head)
+
+    data = dmmh.SyntheticMultiLabel(num_train=16, num_query=4, num_database=16, image_dim=6, text_dim=5, num_classes=3, batch_size=8)
+    module = dmmh.DMMHModule(image_dim=6, text_dim=5, n_classes=3, n_bits=8, dim=8, encoder="mlp", fusion="additive", head="downstream_softsign")
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, data)
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    try:
+        HASH_HEADS.remove("downstream_softsign")  # what a fresh process sees: dmmh imported, the downstream module not
+        sys.modules.pop("downstream_heads")
+        with pytest.raises(UnknownComponentError) as err:
+            dmmh.DMMHModule.load_from_checkpoint(ckpt)
+        message = str(err.value)
+        assert "unknown hash head 'downstream_softsign'" in message
+        assert "imported" in message and "'dmmh.hash_heads' entry point" in message
+
+        import downstream_heads  # noqa: F401,F811  (remedy 1: import the defining module)
+
+        assert type(dmmh.DMMHModule.load_from_checkpoint(ckpt).model.head).__name__ == "DownstreamSoftSign"
+        HASH_HEADS.remove("downstream_softsign")
+        sys.modules.pop("downstream_heads")
+        # remedy 2: the package declares the entry point; the registry finds it without an import
+        fake_distribution(tmp_path, monkeypatch, "downstream_heads", "[dmmh.hash_heads]\ndownstream_softsign = downstream_heads:DownstreamSoftSign\n")
+        monkeypatch.setattr(HASH_HEADS, "_plugins_loaded", False)  # entry points are scanned once per process
+        assert type(dmmh.DMMHModule.load_from_checkpoint(ckpt).model.head).__name__ == "DownstreamSoftSign"
+    finally:
+        if "downstream_softsign" in HASH_HEADS.list():
+            HASH_HEADS.remove("downstream_softsign")
+        sys.modules.pop("downstream_heads", None)
+
+
+def test_unknown_name_error_without_plugin_group_has_no_entry_point_hint():
+    with pytest.raises(UnknownComponentError) as err:
+        make().create("gamma")
+    assert "entry point" not in str(err.value)

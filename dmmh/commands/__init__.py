@@ -12,8 +12,10 @@ import importlib
 __all__ = ["COMMANDS", "run"]
 
 COMMANDS: dict[str, str] = {
+    "encode": "encode a collection with a trained checkpoint into a searchable index (multi-process, resumable)",
     "extract": "open_clip features of image-caption pairs into a benchmark feature file (resumable)",
     "report": "mAP, precision@k, PR curve, precision within a radius, from codes or checkpoints -> JSON/CSV/PNG",
+    "search": "query an index by caption, image, item or features: nearest ids, distances, image paths, captions",
 }
 
 

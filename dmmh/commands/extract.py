@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from dmmh._optional import require_all
 from dmmh.chunks import ChunkStoreBusy
 from dmmh.data.pairs import PairsDataModule
 from dmmh.extract import extract_features
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-normalize", action="store_true", help="keep un-normalised CLIP embeddings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    needs = ["open_clip"] + ["safetensors"] * a.out.endswith(".safetensors")
+    require_all(needs, "extracting CLIP features")  # every missing package named at once, before any work
     from dmmh.encoders.clip import ClipBackbone
 
     config = json.loads(Path(a.model_config).read_text()) if a.model_config else None

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dmmh.data.query_database import QueryDatabaseDataset
+
 __all__ = ["Split", "FeatureDataset", "FeatureDataModule", "SPLITS"]
 
 SPLITS = ("train", "query", "database")
@@ -139,8 +141,11 @@ class FeatureDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader("query", False), self._loader("database", False)]
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return self.val_dataloader()
+    def test_dataloader(self) -> DataLoader:
+        """Query items then database items in one loader, tagged with ``"role"``: metrics are logged once."""
+        items = QueryDatabaseDataset(self.dataset("query"), self.dataset("database"))
+        return DataLoader(items, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()

@@ -24,7 +24,7 @@ from dmmh._io import atomic_write
 from dmmh._optional import require
 from dmmh.metrics.functional import EMPTY_POLICIES, NORMALIZERS, retrieval_metrics
 
-__all__ = ["evaluate", "write_report", "load_codes", "encode_checkpoint", "CODE_KEYS", "CURVE_KS"]
+__all__ = ["evaluate", "write_report", "load_codes", "save_codes", "encode_checkpoint", "CODE_KEYS", "CURVE_KS"]
 
 CODE_KEYS = ("query_codes", "database_codes", "query_labels", "database_labels")
 CURVE_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
@@ -169,20 +169,38 @@ def _check_codes(where: str, headers: dict[str, ArrayHeader], found) -> None:
 
 
 @torch.no_grad()
-def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int = 4096) -> dict[str, Tensor]:
-    """Codes and labels of the query and database splits of ``datamodule`` under a trained checkpoint."""
+def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int | None = None,
+                      progress: bool = False) -> dict[str, Tensor]:
+    """Codes (bool bits) and labels of the query and database splits of ``datamodule`` under a trained
+    checkpoint, encoded on the CPU in batches of ``batch_size`` (default: the DataModule's
+    ``eval_batch_size``), with a progress bar over items when ``progress``.
+
+    The checkpoint is loaded with ``weights_only=True``: tensors and plain containers only, never
+    pickled code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says (see docs/trust.md).
+    """
+    from tqdm.auto import tqdm  # a dependency of lightning
+    from torch.utils.data import DataLoader
+
     from dmmh.models.lit import DMMHModule
 
-    module = DMMHModule.load_from_checkpoint(str(ckpt), map_location="cpu")
+    module = DMMHModule.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
+    size = batch_size or datamodule.eval_batch_size
+    loaders = {split: DataLoader(datamodule.dataset(split), batch_size=size, num_workers=datamodule.num_workers)
+               for split in ("query", "database")}
     out = {}
-    for split in ("query", "database"):
-        s = datamodule.splits[split]
-        parts = []
-        for start in range(0, len(s), batch_size):
-            rows = slice(start, start + batch_size)
-            image = torch.as_tensor(np.asarray(s.image[rows], dtype=np.float32))
-            text = torch.as_tensor(np.asarray(s.text[rows], dtype=np.float32))
-            parts.append(module.encode(image, text) >= 0)
-        out[f"{split}_codes"] = torch.cat(parts)
-        out[f"{split}_labels"] = torch.as_tensor(np.asarray(s.label))
+    with tqdm(total=sum(len(d.dataset) for d in loaders.values()), unit="item", desc=f"encode {Path(ckpt).name}",
+              disable=not progress) as bar:
+        for split, loader in loaders.items():
+            codes, labels = [], []
+            for batch in loader:
+                codes.append(module.encode(batch["image"], batch["text"]) >= 0)
+                labels.append(batch["label"])
+                bar.update(len(batch["label"]))
+            out[f"{split}_codes"], out[f"{split}_labels"] = torch.cat(codes), torch.cat(labels)
     return out
+
+
+def save_codes(codes: dict[str, Tensor], path: str | os.PathLike) -> Path:
+    """Write :data:`CODE_KEYS` of ``codes`` to a compressed ``.npz`` that :func:`load_codes` reads (atomically)."""
+    arrays = {k: torch.as_tensor(codes[k]).cpu().numpy() for k in CODE_KEYS}
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))

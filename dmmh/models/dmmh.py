@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping
 
 import torch
@@ -24,7 +25,7 @@ class DMMH(nn.Module):
 
     Args:
         image_dim, text_dim: widths of the pre-extracted features.
-        n_bits: code length.
+        n_bits: code length, a positive multiple of 8 (codes are packed into whole bytes).
         encoder: encoder name for both modalities (``image_encoder`` / ``text_encoder`` override it).
         encoder_kwargs: kwargs for both encoders, merged under the per-modality ones.
         dim: token width. num_tokens: tokens per modality (default ``n_bits``, as in BSTH).
@@ -55,6 +56,9 @@ class DMMH(nn.Module):
         modality_dropout: float = 0.0,
     ):
         super().__init__()
+        if isinstance(n_bits, bool) or not isinstance(n_bits, numbers.Integral) or n_bits <= 0 or n_bits % 8:
+            raise ValueError(f"n_bits must be a positive multiple of 8, got {n_bits!r}: codes are packed into whole "
+                             f"bytes (n_bits // 8 per item), as dmmh's index files and faiss' binary indexes require")
         if not 0.0 <= modality_dropout <= 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1], got {modality_dropout}")
         self.n_bits = int(n_bits)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from dmmh._checks import check_finite, check_labels, check_same_batch
+from dmmh.data.query_database import ROLES
 from dmmh.hashing.losses import CombinedLoss
 from dmmh.metrics.retrieval import RetrievalMAP
 from dmmh.models.dmmh import DMMH
@@ -21,9 +22,12 @@ DEFAULT_LOSSES: dict[str, float] = {"classification": 1.0, "pairwise_similarity"
 class DMMHModule(L.LightningModule):
     """Train DMMH on batches ``{"image", "text", "label"}`` of pre-extracted features.
 
-    Validation and test take two dataloaders, ``[query, database]`` (batches also carry
-    ``"index"``), encode both and log ``{stage}/mAP`` (mAP@``map_top_k``, all when ``None``).
-    With a single dataloader its items serve as both queries and database.
+    Validation and test encode query and database items (batches also carry ``"index"``, the item's
+    position in its split) and log ``{stage}/mAP`` (mAP@``map_top_k``, all when ``None``). They come
+    from one dataloader whose batches carry ``"role"`` (0 query, 1 database: what
+    :class:`~dmmh.data.query_database.QueryDatabaseDataset` gives, and ``FeatureDataModule.test_dataloader``
+    uses, so that ``trainer.test()`` returns one dict), or from two, ``[query, database]``. A single
+    dataloader without ``"role"`` serves as both queries and database.
 
     Every component is named (see :class:`~dmmh.models.dmmh.DMMH` for the model arguments), so the
     hyperparameters saved in a checkpoint rebuild the same model:
@@ -116,8 +120,13 @@ class DMMHModule(L.LightningModule):
         index = batch.get("index")
         if index is None:
             raise ValueError("evaluation batches need an 'index' entry (the item's position in its split)")
-        roles = ("query", "database") if n_loaders == 1 else (("query", "database")[dataloader_idx],)
-        for role in roles:
+        if "role" in batch:  # one loader of query and database items (QueryDatabaseDataset)
+            for r, role in enumerate(ROLES):
+                mine = batch["role"] == r
+                if mine.any():
+                    metric.update(codes[mine], label[mine], index[mine], role)
+            return
+        for role in ROLES if n_loaders == 1 else (ROLES[dataloader_idx],):
             metric.update(codes, label, index, role)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
