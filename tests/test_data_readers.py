@@ -14,6 +14,7 @@ import sys
 import tracemalloc
 import warnings
 import zipfile
+import zlib
 
 import h5py
 import numpy as np
@@ -275,6 +276,32 @@ def test_hdf5_soft_link_inside_the_file_is_read_and_memory_mapped(tmp_path, arra
     ff = read_feature_file(path)
     assert "I_tr" in ff.mmapped
     np.testing.assert_array_equal(ff.arrays["I_tr"], want)
+
+
+def test_hdf5_float_in_another_encoding_is_converted_not_memory_mapped(tmp_path, arrays):
+    """A float type other than IEEE's (here another exponent bias; h5py calls it float128, a bit
+    flip can keep it float64) must go through HDF5's conversion: its raw bytes are not IEEE."""
+    path = write_mat73(tmp_path / "m.mat", {k: a for k, a in arrays.items() if k != "T_te"})
+    ftype = h5py.h5t.IEEE_F64LE.copy()
+    ftype.set_ebias(1000)
+    with h5py.File(path, "r+") as f:
+        ds = h5py.h5d.create(f.id, b"T_te", ftype, h5py.h5s.create_simple(arrays["T_te"].shape[::-1]))
+        ds.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(arrays["T_te"].T), mtype=h5py.h5t.NATIVE_DOUBLE)
+    ff = read_feature_file(path)
+    assert "T_te" not in ff.mmapped and "I_te" in ff.mmapped
+    np.testing.assert_array_equal(ff.arrays["T_te"], arrays["T_te"])
+
+
+def test_hdf5_chunk_smaller_than_its_unfiltered_data_is_refused(tmp_path, arrays):
+    """A chunk whose filter mask says "not compressed" but which holds fewer bytes than its data:
+    HDF5 returns stale memory for the rest (different values on every read) instead of failing."""
+    path = write_mat73(tmp_path / "m.mat", {k: a for k, a in arrays.items() if k != "T_db"}, compress=True)
+    stored = np.ascontiguousarray(arrays["T_db"].T)
+    with h5py.File(path, "r+") as f:
+        ds = f.create_dataset("T_db", shape=stored.shape, dtype=stored.dtype, chunks=stored.shape, compression="gzip")
+        ds.id.write_direct_chunk((0, 0), zlib.compress(stored.tobytes()), filter_mask=1)  # deflate marked as skipped
+    with pytest.raises(FileFormatError, match=rf"key 'T_db' has a chunk of \d+ bytes .*\(filter mask 1\) where {stored.nbytes} bytes"):
+        read_feature_file(path)
 
 
 def test_hdf5_dangling_and_cyclic_soft_links_are_errors_naming_the_key(tmp_path, arrays):
@@ -553,6 +580,22 @@ def test_mat5_unknown_data_type_is_an_error_not_a_crash(tmp_path, arrays, compre
                           env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr[-2000:]  # -11 before the tags were checked
     assert "variable 'I_db' of dimensions (20, 7) has a damaged data tag (type 265" in proc.stdout
+
+
+def test_mat5_complex_flag_is_refused_even_with_the_logical_flag(tmp_path, arrays):
+    """scipy reads an imaginary part for a complex matrix; one that has none crashes it."""
+    raw = bytearray(write("mat5", tmp_path, arrays).read_bytes())
+    d = arrays["I_te"]
+    dims_and_name = struct.pack("<II", 5, 8) + struct.pack("<ii", *d.shape) + struct.pack("<HH", 1, 4) + b"I_te"
+    flags_at = raw.index(dims_and_name) - 8
+    raw[flags_at : flags_at + 4] = struct.pack("<I", struct.unpack("<I", raw[flags_at : flags_at + 4])[0] | 0x800 | 0x200)
+    path = tmp_path / "flags.mat"
+    path.write_bytes(bytes(raw))
+    code = f"import dmmh.data.readers as r\ntry:\n    r.read_feature_file({str(path)!r})\nexcept r.FileFormatError as e:\n    print(e)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "key 'I_te' holds a MATLAB complex array; expected a real numeric matrix" in proc.stdout
 
 
 def test_mat5_reads_matlab_storage_narrower_than_the_class_and_refuses_v4(tmp_path, arrays):

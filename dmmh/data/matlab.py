@@ -4,9 +4,11 @@
   transposed on read: contiguous uncompressed datasets are memory-mapped (a transposed view),
   others read into a row-major array block by block. Declared sizes are checked against the
   stored bytes first; datasets whose bytes live outside the file (external links, external raw
-  storage, virtual datasets, soft links to them) are refused unless ``allow_external``.
+  storage, virtual datasets, soft links to them) are refused unless ``allow_external``; so are
+  chunks smaller than their unfiltered data (HDF5 would return stale memory for the rest).
 - :class:`MatlabV5`: MATLAB v5/v7 ``.mat``, read with scipy. scipy trusts the element tags (it
-  allocates whatever a tag declares before reading it, and crashes on an unknown data type), so
+  allocates whatever a tag declares before reading it, and crashes on an unknown data type or a
+  complex flag without an imaginary part), so
   the tags (every variable's header, and the data tags of numeric ones) are walked and checked
   against the file first; v4 files are not read.
 
@@ -133,23 +135,47 @@ class MatlabHdf5:
     def _check_storage(self, name: str, ds: Any, h: ArrayHeader) -> str:
         """Check the declared size against the bytes stored; ``"mmap"`` if the dataset can be
         memory-mapped (contiguous, unfiltered, in the file), else ``"memory"``."""
-        h5d = self.h5py.h5d
+        h5py = self.h5py
         file_size = os.path.getsize(ds.file.filename)  # the file holding it (another one through an allowed external link)
         stored = ds.id.get_storage_size()
         if stored > file_size:
             raise FileFormatError(f"{self.where}: key {name!r} claims {stored} stored bytes but the file has {file_size}; damaged")
+        filetype = ds.id.get_type()
+        declared = int(np.prod(ds.shape, dtype=object)) * filetype.get_size()  # in the file's encoding
         filtered = ds.id.get_create_plist().get_nfilters() > 0
-        check_stored_size(self.where, name, h.nbytes, stored, compressed=filtered)
-        if ds.id.get_create_plist().get_layout() != h5d.CONTIGUOUS or filtered:
+        check_stored_size(self.where, name, declared, stored, compressed=filtered)
+        if ds.chunks is not None:
+            self._check_chunks(name, ds, filetype.get_size(), file_size, filtered)
+        if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or filtered:
             return "memory"
+        if not filetype.equal(h5py.h5t.py_create(ds.dtype)):
+            return "memory"  # not numpy's encoding of ds.dtype (e.g. another exponent bias): HDF5 converts it
         offset = ds.id.get_offset()
         if offset is None:
             return "memory"
-        if offset + h.nbytes > file_size:
+        if offset + declared > file_size:
             raise FileFormatError(
-                f"{self.where}: key {name!r} declares {h.nbytes} bytes at offset {offset} but the file has {file_size} bytes; truncated or damaged"
+                f"{self.where}: key {name!r} declares {declared} bytes at offset {offset} but the file has {file_size} bytes; truncated or damaged"
             )
         return "mmap"
+
+    def _check_chunks(self, name: str, ds: Any, itemsize: int, file_size: int, filtered: bool) -> None:
+        """Every chunk inside the file, and an unfiltered one (no filters, or filters skipped by its
+        mask) as large as its data: HDF5 itself fills the rest of such a chunk with stale memory."""
+        chunk_bytes = int(np.prod(ds.chunks, dtype=object)) * itemsize
+
+        def check(info: Any) -> None:
+            if info.byte_offset + info.size > file_size or ((not filtered or info.filter_mask) and info.size < chunk_bytes):
+                raise FileFormatError(
+                    f"{self.where}: key {name!r} has a chunk of {info.size} bytes at byte {info.byte_offset} "
+                    f"(filter mask {info.filter_mask}) where {chunk_bytes} bytes of data are needed; damaged"
+                )
+
+        if hasattr(ds.id, "chunk_iter"):  # h5py >= 3.8 built on HDF5 >= 1.12.3
+            ds.id.chunk_iter(check)
+        else:
+            for i in range(ds.id.get_num_chunks()):
+                check(ds.id.get_chunk_info(i))
 
     def read(self, names: Sequence[str], lazy: bool) -> dict[str, Any]:
         out = {}
@@ -226,7 +252,10 @@ def _matrix_header(body: bytes, order: str, where: str, stored: int | None) -> t
     if min(dims) < 0:
         raise FileFormatError(f"{where}: variable {name!r} has negative dimensions {dims}")
     cls = _MX_CLASSES.get(flags & 0xFF, f"class {flags & 0xFF}")
-    cls = "logical" if flags & 0x200 and cls in _V5_DTYPES else "complex" if flags & 0x800 else cls
+    if flags & 0x800:  # complex (scipy would then read an imaginary part too)
+        cls = "complex"
+    elif flags & 0x200 and cls in _V5_DTYPES:
+        cls = "logical"
     data_bytes = 0
     if cls in _V5_DTYPES:  # the data tag: every element, in a numeric type (MATLAB may store narrower ones)
         kind, data_bytes, data, _ = _element(body, at, order, f"{where}: variable {name!r}")
