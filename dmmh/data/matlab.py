@@ -8,9 +8,8 @@
   chunks smaller than their unfiltered data (HDF5 would return stale memory for the rest).
 - :class:`MatlabV5`: MATLAB v5/v7 ``.mat``, read with scipy. scipy trusts the element tags (it
   allocates whatever a tag declares before reading it, and crashes on an unknown data type or a
-  complex flag without an imaginary part), so
-  the tags (every variable's header, and the data tags of numeric ones) are walked and checked
-  against the file first; v4 files are not read.
+  complex flag without an imaginary part), so the tags (every variable's header, and the data
+  tags of numeric ones) are walked and checked against the file first; v4 files are not read.
 
 Sparse matrices, text, cells and structs are refused by name.
 """
