@@ -26,6 +26,59 @@ def check_finite(x: Tensor, what: str) -> None:
         raise ValueError(f"{what}: contains NaN or inf (first at index {tuple(bad)})")
 
 
+NAN_POLICIES = ("error", "zero")
+
+
+def check_codes(x: Tensor, what: str, nan: str = "error", packed_ok: bool = False) -> None:
+    """The one rule for unpacked binary codes, used by ``pack_bits``, ``HammingIndex`` and the metrics.
+
+    Accepted: floating codes (±1 or relaxed, ±inf included; bit = ``x >= 0``) and ``bool`` bits.
+    Refused with a ``ValueError`` that says what to pass instead:
+
+    * integer dtypes: are they 0/1 bits or ±1 signs? (``uint8`` is refused here too; callers that
+      read it as packed codes handle it before calling, and say so with ``packed_ok``);
+    * floats holding only 0 and 1 (both present): bits stored as numbers, which the sign rule would
+      read as all ones;
+    * NaN, unless ``nan="zero"``, which maps NaN to bit 0 (``NaN >= 0`` is false).
+
+    Costs one min/max pass over floating input (a device sync on CUDA).
+    """
+    if nan not in NAN_POLICIES:
+        raise ValueError(f"{what}: nan must be one of {NAN_POLICIES}, got {nan!r}")
+    if x.dtype == torch.bool:
+        return
+    if x.is_complex():
+        raise TypeError(f"{what}: complex codes are not supported ({x.dtype})")
+    if not x.is_floating_point():
+        packed = f", or packed uint8 (N, n_bits / 8)" if packed_ok else " (uint8 is read as packed codes elsewhere in dmmh)"
+        raise ValueError(
+            f"{what}: integer codes ({x.dtype}) are ambiguous (0/1 bits or ±1 signs?); pass bool bits "
+            f"(e.g. codes > 0) or ±1 floats (e.g. codes.float()){packed}"
+        )
+    if x.numel() == 0:
+        return
+    x = x.detach()
+    lo, hi = torch.aminmax(x)  # NaN propagates: one pass finds NaN and the 0/1 range
+    if bool(torch.isnan(lo)):
+        isnan = torch.isnan(x)
+        if nan == "error":
+            first = tuple(isnan.nonzero()[0].tolist())
+            raise ValueError(
+                f"{what}: contains NaN (first at index {first}); NaN has no sign. Fix the model's output, or map "
+                f"NaN to bit 0 explicitly with pack_bits(codes, nan='zero') and pass the packed codes"
+            )
+        rest = x[~isnan]
+        if rest.numel() == 0:
+            return
+        lo, hi = torch.aminmax(rest)
+        x = rest
+    if bool(lo == 0) and bool(hi == 1) and bool(((x == 0) | (x == 1)).all()):
+        raise ValueError(
+            f"{what}: values are all 0/1, which the sign rule (x >= 0 → 1) would read as all ones; "
+            f"pass ±1 codes (2 * bits - 1), bool bits{', or packed uint8' if packed_ok else ''}"
+        )
+
+
 def check_labels(y: Tensor, what: str = "label", n_classes: int | None = None) -> None:
     """``y`` must be a multi-hot {0, 1} matrix ``(B, C)``."""
     if y.ndim != 2:

@@ -16,6 +16,8 @@ EXTRAS = {
     "matplotlib": ("report", "matplotlib"),
     "datasets": ("data", "datasets"),
     "safetensors": ("data", "safetensors"),
+    "torchvision": ("prepare", "torchvision"),
+    "PIL": ("prepare", "pillow"),
 }
 
 

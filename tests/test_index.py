@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +16,7 @@ import torch
 
 from dmmh._optional import available
 from dmmh.hashing import HammingIndex, IndexFileError, pack_bits
-from dmmh.hashing.index import MAGIC
+from dmmh.hashing.index import _HEADER, MAGIC, VERSION
 
 BACKENDS = ["numpy", "torch", "auto"] + (["faiss"] if available("faiss") else [])
 needs_faiss = pytest.mark.skipif(not available("faiss"), reason="faiss not installed")
@@ -144,26 +150,150 @@ def test_bad_files(tmp_path):
             HammingIndex.load(path)
 
 
-@needs_faiss
-def test_faiss_export_import():
-    import faiss
+def _load_within(path, seconds: float = 20.0):
+    """``HammingIndex.load(path)`` in a thread; returns the index or the exception. A load that waits
+    (on a FIFO) fails the test instead of blocking it: a writer is opened to release it."""
+    out = {}
 
-    rng = np.random.default_rng(2)
-    index = HammingIndex(48).add(make(rng, 100, 48, ties=True), rng.permutation(100) + 10_000)
-    exported = index.to_faiss()
-    q = make(rng, 7, 48, ties=True)
-    d, i = exported.search(pack_bits(q).numpy(), 12)
-    ours_d, ours_i = index.search(q, 12)
-    np.testing.assert_array_equal(d, ours_d.numpy())
-    np.testing.assert_array_equal(i, ours_i.numpy())
-    back = HammingIndex.from_faiss(exported)
-    assert torch.equal(back.codes, index.codes) and torch.equal(back.ids, index.ids)
-    flat = faiss.IndexBinaryFlat(48)
-    flat.add(pack_bits(q).numpy())
-    plain = HammingIndex.from_faiss(flat)
-    assert plain.ids.tolist() == list(range(7)) and torch.equal(plain.codes, pack_bits(q))
-    with pytest.raises(TypeError, match="IndexBinaryFlat"):
+    def run():
+        try:
+            out["result"] = HammingIndex.load(path)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["result"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with open(path, "wb"):
+            pass
+        thread.join(seconds)
+        pytest.fail(f"HammingIndex.load({path}) blocked for {seconds} s")
+    return out["result"]
+
+
+def test_load_refuses_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe.dmmh"
+    os.mkfifo(fifo)
+    cases = {fifo: "a FIFO", tmp_path: "a directory"}
+    if os.path.exists("/dev/zero"):
+        cases[Path("/dev/zero")] = "a device"
+    for path, kind in cases.items():
+        err = _load_within(path)
+        assert isinstance(err, IndexFileError) and f"{path}: not a regular file ({kind}" in str(err), err
+
+
+def _peak_bytes(call) -> tuple[int, object]:
+    """Peak traced allocation (Python objects and numpy buffers) while ``call()`` runs, and its result or error."""
+    tracemalloc.start()
+    try:
+        try:
+            result = call()
+        except Exception as e:  # noqa: BLE001
+            result = e
+        return tracemalloc.get_traced_memory()[1], result
+    finally:
+        tracemalloc.stop()
+
+
+def test_load_checks_the_header_before_reading_the_body(tmp_path):
+    """A wrong path to a big file, or a header that declares more than the file holds, costs a header read."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB of zeros, no disk used
+    peak, err = _peak_bytes(lambda: HammingIndex.load(big))
+    assert isinstance(err, IndexFileError) and "not a dmmh HammingIndex file" in str(err)
+    assert peak < 1 << 20, peak
+    n = 1 << 40  # declared items: 16 TiB of payload in a 100-byte file
+    lying = tmp_path / "lying.dmmh"
+    lying.write_bytes(MAGIC + _HEADER.pack(VERSION, 64, n, n * 16) + bytes(100))
+    peak, err = _peak_bytes(lambda: HammingIndex.load(lying))
+    assert isinstance(err, IndexFileError) and f"truncated: 132 bytes, expected {32 + n * 16 + 32}" in str(err)
+    assert peak < 1 << 20, peak
+    with open(big, "r+b") as f:  # a valid header whose size matches the sparse file: read, then the checksum fails
+        f.write(MAGIC + _HEADER.pack(VERSION, 64, 10, 160))
+        f.truncate(32 + 160 + 32)
+    err = _load_within(big)
+    assert isinstance(err, IndexFileError) and "checksum mismatch" in str(err)
+
+
+def test_load_allocates_the_payload_once(tmp_path):
+    rng = np.random.default_rng(3)
+    path = HammingIndex(256).add(make(rng, 4000, 256)).save(tmp_path / "i.dmmh")
+    peak, index = _peak_bytes(lambda: HammingIndex.load(path))
+    assert isinstance(index, HammingIndex) and len(index) == 4000
+    assert peak < path.stat().st_size + (1 << 16), (peak, path.stat().st_size)  # not the file's bytes plus a copy
+
+
+_FAISS_PATHS = textwrap.dedent(
+    """
+    import gc, sys
+    import faiss, numpy as np, torch
+    from dmmh.hashing import HammingIndex, pack_bits
+
+    rng = np.random.default_rng(int(sys.argv[1]))
+    x = torch.from_numpy(rng.choice([-1.0, 1.0], (300, 48)).astype(np.float32))
+    q = torch.from_numpy(rng.choice([-1.0, 1.0], (7, 48)).astype(np.float32))
+    ids = torch.from_numpy(rng.permutation(10**6)[:300].astype(np.int64))
+
+    def same(index, codes, ids, what):
+        assert len(index) == len(codes) and torch.equal(index.codes, codes) and torch.equal(index.ids, ids), what
+
+    def flat_of(codes):  # returned without any other reference: a temporary for the caller
+        flat = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+        flat.add(codes.numpy())
+        return flat
+
+    h = HammingIndex(48).add(x, ids)
+    for rep in range(20):  # use-after-free shows as garbage or a crash; repeat with collections between
+        same(HammingIndex.from_faiss(h.to_faiss()), h.codes, h.ids, "temporary IDMap")
+        exported = h.to_faiss()
+        gc.collect()
+        d, i = exported.search(pack_bits(q).numpy(), 12)
+        ours_d, ours_i = h.search(q, 12)
+        assert (d == ours_d.numpy()).all() and (i == ours_i.numpy()).all(), "exported search"
+        same(HammingIndex.from_faiss(exported), h.codes, h.ids, "IDMap")
+        same(HammingIndex.from_faiss(flat_of(h.codes)), h.codes, torch.arange(300), "temporary flat")
+        flat = flat_of(h.codes[:5])
+        same(HammingIndex.from_faiss(flat), h.codes[:5], torch.arange(5), "flat")
+        by_user = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(48))  # over a temporary flat index
+        by_user.add_with_ids(h.codes.numpy(), h.ids.numpy())
+        same(HammingIndex.from_faiss(by_user), h.codes, h.ids, "IDMap over a temporary")
+        blob = faiss.serialize_index_binary(h.to_faiss())
+        same(HammingIndex.from_faiss(faiss.deserialize_index_binary(blob)), h.codes, h.ids, "read back")
+        idmap2 = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(48))
+        idmap2.add_with_ids(h.codes[:9].numpy(), h.ids[:9].numpy())
+        same(HammingIndex.from_faiss(idmap2), h.codes[:9], h.ids[:9], "IDMap2")
+        gc.collect()
+    survivor = HammingIndex(48).add(x[:3], [7, 8, 9]).to_faiss()  # its HammingIndex is gone
+    gc.collect()
+    assert survivor.ntotal == 3 and survivor.index.ntotal == 3
+    assert faiss.vector_to_array(survivor.id_map).tolist() == [7, 8, 9]
+    assert survivor.search(pack_bits(x[:1]).numpy(), 1)[1].tolist() == [[7]]
+    path = sys.argv[2]
+    faiss.write_index_binary(h.to_faiss(), path)
+    same(HammingIndex.from_faiss(faiss.read_index_binary(path)), h.codes, h.ids, "file")
+    empty = HammingIndex.from_faiss(HammingIndex(16).to_faiss())
+    assert len(empty) == 0 and empty.n_bits == 16 and empty.codes.shape == (0, 2)
+    try:
         HammingIndex.from_faiss(faiss.IndexBinaryHash(48, 8))
+    except TypeError as e:
+        assert "IndexBinaryFlat" in str(e)
+    else:
+        raise AssertionError("IndexBinaryHash accepted")
+    print("FAISS-PATHS-OK")
+    """
+)
+
+
+@needs_faiss
+def test_faiss_conversions_in_every_form(rng, tmp_path):
+    """to_faiss / from_faiss on variables, temporaries, files, IDMap2; a subprocess, so a segfault fails the test."""
+    seed = int(rng.integers(2**31))
+    proc = subprocess.run([sys.executable, "-c", _FAISS_PATHS, str(seed), str(tmp_path / "f.index")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    assert "FAISS-PATHS-OK" in proc.stdout
 
 
 @pytest.mark.cuda

@@ -32,6 +32,7 @@ def reference(qbits, dbits, yq, yd, ks, radius, empty, normalizer):
                     s += hits / rank
             norm = {"retrieved": hits, "min": min(kk, total), "relevant": total}[normalizer]
             row["ap", k] = s / norm if norm else 0.0
+            row["hits", k] = hits
             row["p", k] = hits / kk
             row["r", k] = hits / total if total else 0.0
         for r in range(qbits.shape[1] + 1):
@@ -41,8 +42,15 @@ def reference(qbits, dbits, yq, yd, ks, radius, empty, normalizer):
             row["pr_r", r] = found / total if total else 0.0
         per_query.append(row)
 
+    def kept(q, key):
+        if empty == "zero":
+            return True
+        if empty == "exclude_top_k" and key[0] == "ap":  # HashNet: `if relevant_num != 0: APx.append(...)`
+            return q["hits", key[1]] > 0
+        return q["R"] > 0
+
     def mean(key):
-        vals = [q[key] for q in per_query if empty == "zero" or q["R"] > 0]
+        vals = [q[key] for q in per_query if kept(q, key)]
         return float(np.mean(vals)) if vals else float("nan")
 
     return mean, radius
@@ -84,6 +92,12 @@ def check_all(case, backend, empty, normalizer, radius=2, chunk=None):
     for a, b in pairs:
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12, (a, b)
     assert got["queries_without_relevant"] == int(sum(not np.any(yq[i] @ yd.T) for i in range(len(yq))))
+    for k in KS:
+        kk, no_hit = len(dbits) if k is None else min(k, len(dbits)), 0
+        for i in range(len(qbits)):
+            order = np.argsort((qbits[i] != dbits).sum(1), kind="stable")
+            no_hit += not np.any((yq[i] @ yd.T > 0)[order][:kk])
+        assert got["queries_without_relevant_in_top_k"][key(k)] == no_hit
     return got
 
 
@@ -108,6 +122,37 @@ def test_edge_cases(backend):
     got = check_all((qbits, dbits, np.zeros_like(yq), yd), backend, "exclude", "min")
     assert math.isnan(got["mAP"]) and got["queries_without_relevant"] == 3
     assert check_all((qbits, dbits, np.zeros_like(yq), yd), backend, "zero", "min")["mAP"] == 0.0
+
+
+def hashnet_map(qbits, dbits, yq, yd, R):
+    """HashNet's mean_average_precision (thuml/HashNet pytorch/src/test.py), loop for loop, with a stable
+    ranking by Hamming distance: a query with no relevant item in its top R is not appended to APx."""
+    APx = []
+    for i in range(len(qbits)):
+        idx = np.argsort((qbits[i] != dbits).sum(1), kind="stable")
+        imatch = (yd[idx[0:R]] @ yq[i]) > 0
+        relevant_num = np.sum(imatch)
+        Px = np.cumsum(imatch) / np.arange(1, len(imatch) + 1)
+        if relevant_num != 0:
+            APx.append(np.sum(Px * imatch) / relevant_num)
+    return float(np.mean(APx)) if APx else float("nan")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_exclude_top_k_is_hashnets_convention(backend, rng):
+    distinguishing = 0
+    for _ in range(20):
+        qbits, dbits, yq, yd = random_case(rng, n_q=8, n_db=int(rng.integers(20, 80)), n_classes=int(rng.choice([3, 7])))
+        args = (pm1(qbits), pm1(dbits), torch.from_numpy(yq), torch.from_numpy(yd))
+        for R in (1, 3, 10, 5000):
+            got = F.mean_average_precision(*args, top_k=R, empty="exclude_top_k", backend=backend)
+            want = hashnet_map(qbits, dbits, yq, yd, R)
+            assert (math.isnan(got) and math.isnan(want)) or abs(got - want) <= 1e-12, (R, got, want)
+            excluded = F.mean_average_precision(*args, top_k=R, empty="exclude", backend=backend)
+            distinguishing += not (math.isnan(got) and math.isnan(excluded)) and got != excluded
+        whole = F.mean_average_precision(*args, empty="exclude_top_k", backend=backend)
+        assert whole == F.mean_average_precision(*args, empty="exclude", backend=backend) or math.isnan(whole)
+    assert distinguishing  # the cases did include queries with relevant items, none in the top R
 
 
 def test_tie_order_is_database_index():
@@ -143,7 +188,7 @@ def test_code_forms_give_the_same_map():
     relaxed = lambda b: torch.from_numpy(np.where(b, 1, -1) * rng.uniform(0.01, 1, b.shape))  # noqa: E731
     packed = lambda b: torch.from_numpy(np.packbits(b, axis=1, bitorder="little"))  # noqa: E731
     forms = [(pm1(qbits), pm1(dbits)), (relaxed(qbits), relaxed(dbits)), (packed(qbits), packed(dbits)),
-             (torch.from_numpy(qbits), torch.from_numpy(dbits)), (packed(qbits), pm1(dbits)), (pm1(qbits).to(torch.int8), pm1(dbits).float())]
+             (torch.from_numpy(qbits), torch.from_numpy(dbits)), (packed(qbits), pm1(dbits))]
     values = {F.mean_average_precision(q, d, *labels) for q, d in forms}
     assert len(values) == 1
     mean, _ = reference(qbits, dbits, yq, yd, (None,), 2, "zero", "retrieved")

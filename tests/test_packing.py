@@ -51,12 +51,10 @@ def test_lsb_first_layout_by_hand(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
-def test_bool_int_grad_and_noncontiguous_inputs(backend):
+def test_bool_grad_and_noncontiguous_inputs(backend):
     g = torch.Generator().manual_seed(1)
     bits = torch.rand(6, 32, generator=g) > 0.5
     np.testing.assert_array_equal(pack_bits(bits, backend).numpy(), np.packbits(bits.numpy(), axis=1, bitorder="little"))
-    ints = torch.randint(-3, 3, (6, 32), generator=g, dtype=torch.int8)
-    np.testing.assert_array_equal(pack_bits(ints, backend).numpy(), numpy_pack(ints))
     xt = torch.randn(16, 6, generator=g).T  # (6, 16), not contiguous
     assert not xt.is_contiguous()
     np.testing.assert_array_equal(pack_bits(xt, backend).numpy(), numpy_pack(xt))
@@ -64,10 +62,86 @@ def test_bool_int_grad_and_noncontiguous_inputs(backend):
     np.testing.assert_array_equal(pack_bits(h, backend).numpy(), numpy_pack(h.detach()))
 
 
-def test_nan_packs_to_zero_like_numpy():
+@pytest.mark.parametrize("backend", ["torch", "numpy", "auto", "ref"])
+def test_nan_is_an_error_or_bit_zero_on_request(backend):
     x = torch.tensor([[float("nan"), 1, -1, float("inf"), float("-inf"), 0, -0.0, 2]])
-    for backend in ("torch", "numpy"):
-        np.testing.assert_array_equal(pack_bits(x, backend).numpy(), np.packbits(x.numpy() >= 0, axis=1, bitorder="little"))
+    pack = (lambda x, **kw: pack_bits_ref(x, **kw)) if backend == "ref" else (lambda x, **kw: pack_bits(x, backend, **kw))
+    with pytest.raises(ValueError, match=r"NaN \(first at index \(0, 0\)\).*nan='zero'"):
+        pack(x)
+    np.testing.assert_array_equal(pack(x, nan="zero").numpy(), np.packbits(x.numpy() >= 0, axis=1, bitorder="little"))
+    # 1, -1, inf, -inf, 0, -0.0, 2, 1 → bits 1,0,1,0,1,1,1,1 (LSB first): ±inf take their sign, ±0 is 1
+    assert pack(x[:, [1, 2, 3, 4, 5, 6, 7, 1]]).tolist() == [[1 + 4 + 16 + 32 + 64 + 128]]
+    with pytest.raises(ValueError, match="nan must be one of"):
+        pack(x, nan="ignore")
+
+
+def _consumers():
+    """Every public entry that takes unpacked codes: each must apply the same rule."""
+    from dmmh.hashing import HammingIndex
+    from dmmh.metrics import RetrievalMAP
+    from dmmh.metrics import functional as F
+
+    ref = torch.ones(3, 16)
+    labels = torch.ones(3, 1)
+    return {
+        "pack_bits": lambda c: pack_bits(c),
+        "pack_bits torch": lambda c: pack_bits(c, "torch"),
+        "pack_bits_ref": lambda c: pack_bits_ref(c),
+        "HammingIndex.add": lambda c: HammingIndex(16).add(c),
+        "HammingIndex.search": lambda c: HammingIndex(16).add(ref).search(c, 2),
+        "HammingIndex.range_search": lambda c: HammingIndex(16).add(ref).range_search(c, 2),
+        "mean_average_precision": lambda c: F.mean_average_precision(c, ref, labels, labels),
+        "retrieval_metrics (database)": lambda c: F.retrieval_metrics(ref, c, labels, labels),
+        "hamming_distance": lambda c: F.hamming_distance(c, ref),
+        "RetrievalMAP.update": lambda c: RetrievalMAP().update(c, labels, torch.arange(3), "query"),
+    }
+
+
+@pytest.mark.parametrize("consumer", list(_consumers()))
+def test_one_rule_for_codes_everywhere(consumer, rng):
+    """Integer codes, 0/1 floats and NaN are refused by every consumer with the same advice; ±1, relaxed,
+    ±inf, all-zero floats and bool bits are accepted and mean the same bits."""
+    use = _consumers()[consumer]
+    signs = rng.choice([-1.0, 1.0], (3, 16))
+    bits01 = (signs > 0).astype(np.int64)
+    bits01[0, :2] = [0, 1]  # both values present
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        for values in (bits01, signs):  # 0/1 bits (pack_bits once packed these as all ones) and ±1 signs
+            with pytest.raises(ValueError, match=r"integer codes .*ambiguous.*bool bits.*±1 floats"):
+                use(torch.from_numpy(values).to(dtype))
+    if consumer.startswith("pack_bits"):
+        with pytest.raises(ValueError, match="uint8 is read as packed codes"):
+            use(torch.from_numpy(bits01).to(torch.uint8))
+    with pytest.raises(ValueError, match="all 0/1"):
+        use(torch.from_numpy(bits01).float())
+    nan = torch.from_numpy(signs).float()
+    nan[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN \(first at index \(2, 5\)\)"):
+        use(nan)
+    with pytest.raises(TypeError, match="complex"):
+        use(torch.from_numpy(signs).to(torch.complex64))
+    relaxed = torch.from_numpy(signs * rng.uniform(1e-3, 5, signs.shape))
+    relaxed[0, 0], relaxed[1, 1] = float("inf") * relaxed[0, 0].sign(), 0.0 * relaxed[1, 1].sign()
+    for accepted in (torch.from_numpy(signs).float(), relaxed, torch.from_numpy(signs > 0), torch.zeros(3, 16)):
+        use(accepted)
+
+
+def test_one_rule_means_the_same_bits(rng):
+    """Relaxed codes (with ±0 and ±inf) give the same bits through pack_bits, the index and the metrics."""
+    from dmmh.hashing import HammingIndex
+    from dmmh.metrics.functional import as_bits
+
+    x = torch.from_numpy(rng.standard_normal((20, 24)))
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = 0.0, -0.0, float("inf"), float("-inf")
+    bits = np.asarray(x.numpy() >= 0)
+    expect = np.packbits(bits, axis=1, bitorder="little")
+    np.testing.assert_array_equal(pack_bits(x).numpy(), expect)
+    np.testing.assert_array_equal(HammingIndex(24).add(x).codes.numpy(), expect)
+    np.testing.assert_array_equal(as_bits(x).numpy(), bits)
+    x[4, 4] = float("nan")
+    bits[4, 4] = False
+    np.testing.assert_array_equal(pack_bits(x, nan="zero").numpy(), np.packbits(bits, axis=1, bitorder="little"))
+    np.testing.assert_array_equal(as_bits(x, nan="zero").numpy(), bits)
 
 
 @pytest.mark.parametrize("shape", [(4, 8), (33, 64), (7, 136), (0, 16)])
@@ -101,7 +175,7 @@ def test_errors():
         with pytest.raises(ValueError, match="CUDA tensor"):
             pack_bits_triton(torch.randn(2, 8))
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
-        pack_bits_triton(torch.zeros(2, 8, dtype=torch.int32))
+        pack_bits_triton(torch.randn(2, 8, dtype=torch.float64))
 
 
 _INTERPRETER_CHECK = textwrap.dedent(

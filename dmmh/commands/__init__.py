@@ -14,6 +14,7 @@ __all__ = ["COMMANDS", "run"]
 COMMANDS: dict[str, str] = {
     "encode": "encode a collection with a trained checkpoint into a searchable index (multi-process, resumable)",
     "extract": "open_clip features of image-caption pairs into a benchmark feature file (resumable)",
+    "prepare": "a benchmark file from the official MIR-Flickr / NUS-WIDE / COCO release (+ manifest; --check)",
     "report": "mAP, precision@k, PR curve, precision within a radius, from codes or checkpoints -> JSON/CSV/PNG",
     "search": "query an index by caption, image, item or features: nearest ids, distances, image paths, captions",
 }

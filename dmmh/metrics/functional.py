@@ -1,15 +1,20 @@
 """Retrieval metrics of Hamming ranking, exact as in the literature (DESIGN.md §3).
 
 Codes: ±1, relaxed (bit = ``x >= 0``), ``bool`` bits, or packed ``uint8`` ``(N, K/8)`` LSB-first
-(every ``uint8`` input is read as packed). Labels: multi-hot {0, 1}; an item is relevant to a query
+(every ``uint8`` input is read as packed). Other integer codes, floats holding only 0/1 and NaN are
+refused (dmmh's one rule for codes, :func:`dmmh._checks.check_codes`); to map NaN to bit 0, pack
+with ``pack_bits(codes, nan="zero")`` and pass the packed codes. Labels: multi-hot {0, 1}; an item is relevant to a query
 when they share at least one label. Ranking: ascending Hamming distance, ties broken by database
 index (a stable sort), as the MATLAB code behind the published tables does.
 
 Options, named identically in every function:
 
 * ``empty`` — what a query with no relevant item in the database counts as: ``"zero"`` (default;
-  AP, recall, precision all 0, kept in the mean, as the Python ports DeepHash/HashNet/DPSH do) or
-  ``"exclude"`` (left out of every mean, as the MATLAB code; ``nan`` if every query is left out).
+  AP, recall, precision all 0, kept in the mean, as DeepHash-pytorch's ``CalcTopMap`` does),
+  ``"exclude"`` (left out of every mean, as the MATLAB code; ``nan`` if every query is left out), or
+  ``"exclude_top_k"``: mAP@k leaves out each query with no relevant item in its top k (HashNet's
+  ``mean_average_precision`` and thulab DeepHash's ``get_mAPs``); every other metric, and mAP@all,
+  reads it as ``"exclude"``.
 * ``normalizer`` — the denominator of AP@k: ``"retrieved"`` (default; relevant items found in the
   top k, DeepHash's ``CalcTopMap``, torchmetrics' AP@k), ``"min"`` (``min(k, R)``) or
   ``"relevant"`` (all ``R`` relevant items). They coincide for k >= database size.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dmmh._checks import check_finite, check_labels
+from dmmh._checks import check_codes, check_labels
 from dmmh.hashing.packing import unpack_bits_ref
 from dmmh.metrics._ranking import RankingStats, distances, ranking_stats
 
@@ -38,28 +43,23 @@ __all__ = [
     "NORMALIZERS",
 ]
 
-EMPTY_POLICIES = ("zero", "exclude")
+EMPTY_POLICIES = ("zero", "exclude", "exclude_top_k")
 NORMALIZERS = ("retrieved", "min", "relevant")
 
 
-def as_bits(codes, what: str = "codes") -> Tensor:
-    """Codes in any accepted form → bool bits ``(N, K)`` (packed ``uint8`` is unpacked LSB-first)."""
+def as_bits(codes, what: str = "codes", nan: str = "error") -> Tensor:
+    """Codes in any accepted form → bool bits ``(N, K)`` (packed ``uint8`` is unpacked LSB-first).
+
+    Unpacked codes follow dmmh's one rule (:func:`dmmh._checks.check_codes`): floats (±1 or relaxed)
+    or bool; integer codes, 0/1 floats and NaN (unless ``nan="zero"``: bit 0) are refused.
+    """
     x = torch.as_tensor(codes)
     if x.ndim != 2:
         raise ValueError(f"{what}: expected a matrix (items, bits), got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         return unpack_bits_ref(x) > 0
-    if x.dtype == torch.bool:
-        return x
-    if x.is_complex():
-        raise TypeError(f"{what}: complex codes are not supported ({x.dtype})")
-    check_finite(x, what)
-    if x.numel() and bool(((x == 0) | (x == 1)).all()) and bool((x == 0).any()):
-        raise ValueError(
-            f"{what}: values are all 0/1, which the sign rule (x >= 0 → 1) would read as all ones; "
-            f"pass ±1 codes, bool bits, or packed uint8"
-        )
-    return x >= 0
+    check_codes(x, what, nan, packed_ok=True)
+    return x if x.dtype == torch.bool else x >= 0
 
 
 def _code_pair(query_codes, database_codes) -> tuple[Tensor, Tensor]:
@@ -109,6 +109,7 @@ def _safe_div(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _mean(values: Tensor, relevant: Tensor, empty: str) -> float:
+    """Mean over queries; a query whose ``relevant`` count is 0 counts as 0 or is left out (``empty``)."""
     has = relevant > 0
     if empty == "zero":
         return float(torch.where(has, values, torch.zeros_like(values)).mean())
@@ -128,6 +129,13 @@ def _ap_at(s: RankingStats, k: int, normalizer: str) -> Tensor:
         return _safe_div(s.ap_sum, s.relevant)
     denominator = {"retrieved": s.hits[k], "min": s.relevant.clamp(max=k), "relevant": s.relevant}[normalizer]
     return _safe_div(s.ap_sum_at[k], denominator)
+
+
+def _map_at(s: RankingStats, k: int, normalizer: str, empty: str) -> float:
+    """mAP@k; under ``"exclude_top_k"`` a query counts as empty when its top k holds no relevant item."""
+    if empty == "exclude_top_k":
+        return _mean(_ap_at(s, k, normalizer), s.hits[k], "exclude")
+    return _mean(_ap_at(s, k, normalizer), s.relevant, empty)
 
 
 def hamming_distance(query: Tensor, database: Tensor) -> Tensor:
@@ -153,7 +161,7 @@ def mean_average_precision(
     """
     _check_options(empty, normalizer)
     s = _stats(query_codes, database_codes, query_labels, database_labels, ap_ks=(top_k,), chunk=chunk, backend=backend)
-    return _mean(_ap_at(s, _k(top_k, s.n_database), normalizer), s.relevant, empty)
+    return _map_at(s, _k(top_k, s.n_database), normalizer, empty)
 
 
 def precision_at_k(query_codes, database_codes, query_labels, database_labels, k: int, empty: str = "zero", chunk: int | None = None, backend: str | None = None) -> float:
@@ -228,7 +236,7 @@ def retrieval_metrics(
     r = _radius(radius, s.n_bits)
     return {
         "mAP": _mean(_safe_div(s.ap_sum, s.relevant), s.relevant, empty),
-        "mAP@k": {key(k): _mean(_ap_at(s, _k(k, n), normalizer), s.relevant, empty) for k in map_ks},
+        "mAP@k": {key(k): _map_at(s, _k(k, n), normalizer, empty) for k in map_ks},
         "precision@k": {key(k): _mean(s.hits[_k(k, n)].double() / _k(k, n), s.relevant, empty) for k in precision_ks},
         "recall@k": {key(k): _mean(_safe_div(s.hits[_k(k, n)], s.relevant), s.relevant, empty) for k in precision_ks},
         "radius": r,
@@ -239,6 +247,7 @@ def retrieval_metrics(
         "n_database": n,
         "n_bits": s.n_bits,
         "queries_without_relevant": int((s.relevant == 0).sum()),
+        "queries_without_relevant_in_top_k": {key(k): int((s.hits[_k(k, n)] == 0).sum()) for k in map_ks},
         "empty": empty,
         "normalizer": normalizer,
     }
