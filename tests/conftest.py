@@ -19,11 +19,6 @@ def rng():
 
 
 def pytest_collection_modifyitems(config, items):
-    if "slow" not in (config.getoption("-m") or ""):  # `pytest -m slow` runs them
-        skip_slow = pytest.mark.skip(reason="slow: run with pytest -m slow")
-        for item in items:
-            if "slow" in item.keywords:
-                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a GPU machine)")
