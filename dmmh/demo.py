@@ -88,7 +88,7 @@ def _run(bits: Sequence[int], epochs: int, seed: int, device: str, model: dict[s
     from dmmh.models import DMMHModule
 
     _quiet_lightning()
-    data = UCIMultipleFeatures(seed=seed)
+    data = UCIMultipleFeatures(seed=seed, val_split=0)  # no validation: train on all 1,000 training digits
     s = data.splits
     yq, ydb = torch.from_numpy(s["query"].label), torch.from_numpy(s["database"].label)
     concat = {k: np.hstack([v.image, v.text]) for k, v in s.items()}

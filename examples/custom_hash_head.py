@@ -50,7 +50,7 @@ def main(workdir: str | Path | None = None, epochs: int = 3) -> dict[str, float]
 
     reloaded = dmmh.DMMHModule.load_from_checkpoint(ckpt)
     assert isinstance(reloaded.model.head, SoftSignHead) and reloaded.model.head.temperature == 0.5
-    batch = next(iter(data.val_dataloader()[0]))
+    batch = next(iter(data.val_dataloader()))
     same = torch.equal(module.encode(batch["image"], batch["text"]), reloaded.encode(batch["image"], batch["text"]))
     result = trainer.validate(reloaded, data, verbose=False)[0]
     print(f"head={type(reloaded.model.head).__name__} val/mAP={result['val/mAP']:.4f} codes identical after reload: {same}")

@@ -48,6 +48,7 @@ def build(root: str, model: str, pretrained: str | None = None, model_config: Ma
     clip = {"model": model, "pretrained": pretrained, "model_config": model_config, "freeze": True,
             "head": "mamba"}
     encoders: dict[str, Any] = {}
+    data_kw.setdefault("val_split", 0)  # fine_tune does not validate: train on every training item
     data = PairsDataModule(root, batch_size=batch_size, seed=seed, tokenizer=open_clip.get_tokenizer(model),
                            transform=lambda image: encoders["image"].transform(image), **data_kw)
     module = dmmh.DMMHModule(

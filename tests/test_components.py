@@ -155,3 +155,28 @@ def test_combined_loss_errors():
         dmmh.CombinedLoss({}, n_bits=8, n_classes=3)
     with pytest.raises(KeyError, match="pairwise_similarity"):
         dmmh.CombinedLoss({"pairwise_simlarity": 1.0}, n_bits=8, n_classes=3)
+
+
+FEATURE_ENCODERS = [name for name in dmmh.list_encoders() if not name.startswith("clip_")]  # clip_*: tests/test_clip.py
+
+
+@pytest.mark.parametrize("name", FEATURE_ENCODERS)
+def test_every_registered_encoder_forward_backward_and_model(name, rng):
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    enc = dmmh.ENCODERS.create(name, in_dim=10, dim=8, num_tokens=4)
+    x = torch.from_numpy(rng.standard_normal((5, 10)).astype(np.float32))
+    out = enc(x)
+    assert out.shape == (5, 4, 8) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    silent = [n for n, p in enc.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not silent, f"{name}: no gradient reaches {silent}"
+    enc.eval()
+    assert torch.equal(enc(x), enc(x))  # deterministic at evaluation
+    assert torch.allclose(enc(x[:2]), enc(x)[:2], atol=1e-5)  # items are encoded independently
+    model = dmmh.create_model(image_dim=10, text_dim=6, n_bits=8, dim=8, encoder=name).eval()
+    codes = model.encode(x, torch.from_numpy(rng.standard_normal((5, 6)).astype(np.float32)))
+    assert codes.shape == (5, 8) and set(codes.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_every_encoder_is_covered():
+    assert {"mlp", "mamba", "transformer"} <= set(FEATURE_ENCODERS)

@@ -51,13 +51,13 @@ def test_batches_carry_the_file_rows(tmp_path):
     dm = MIRFlickr25K(root=str(write_mat73(tmp_path / "mir_cnn_twt.mat", arrays)), batch_size=5, eval_batch_size=8)
     _quiet(dm)
     train = list(dm.train_dataloader())
-    assert [len(b["index"]) for b in train] == [5, 5]  # 12 items, drop_last
+    assert [len(b["index"]) for b in train] == [5, 5]  # 11 of 12 items (1 held out), a lone last item left out
     for b in train:
         idx = b["index"].numpy()
         np.testing.assert_array_equal(b["image"].numpy(), arrays["I_tr"][idx])
         np.testing.assert_array_equal(b["text"].numpy(), arrays["T_tr"][idx].astype(np.float32))
         np.testing.assert_array_equal(b["label"].numpy(), arrays["L_tr"][idx])
-    query, database = dm.val_dataloader()
+    query, database = dm.predict_dataloader()
     db = torch.cat([b["image"] for b in database]).numpy()
     np.testing.assert_array_equal(db, arrays["I_db"])
     assert sum(len(b["index"]) for b in query) == 5
@@ -101,7 +101,7 @@ def test_normalisation_matches_numpy_in_memory_and_memory_mapped(tmp_path, metho
         np.testing.assert_allclose(np.asarray(splits[split].text), _ref_normalize(arrays[kt], arrays["T_tr"], method), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(splits[split].label), arrays[kl])
     if mmap:  # rows read through the loader are normalised too
-        batch = next(iter(dm.val_dataloader()[1]))
+        batch = next(iter(dm.predict_dataloader()[1]))
         np.testing.assert_allclose(batch["image"].numpy(), _ref_normalize(arrays["I_db"], arrays["I_tr"], method), rtol=1e-5, atol=1e-5)
 
 

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     L.seed_everything(0, verbose=False)
     # odd split sizes: the distributed sampler pads with duplicates, which the metric must drop
     data = dmmh.SyntheticMultiLabel(num_train=200, num_query=61, num_database=203, image_dim=24, text_dim=12,
-                                    num_classes=5, batch_size=32, eval_batch_size=16)
+                                    num_classes=5, batch_size=32, eval_batch_size=16, val_split="test")
     module = dmmh.DMMHModule(image_dim=24, text_dim=12, n_classes=5, n_bits=16, encoder="mlp", dim=16)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

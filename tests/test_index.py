@@ -127,7 +127,8 @@ def test_save_replaces_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["i.dmmh"]
 
 
-def test_bad_files(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_bad_files(tmp_path, mmap):
     rng = np.random.default_rng(1)
     good = HammingIndex(32).add(make(rng, 20, 32)).save(tmp_path / "good.dmmh").read_bytes()
     cases = {
@@ -145,19 +146,19 @@ def test_bad_files(tmp_path):
         path = tmp_path / f"{name}.dmmh"
         path.write_bytes(data)
         with pytest.raises(IndexFileError, match=message):
-            HammingIndex.load(path)
+            HammingIndex.load(path, mmap=mmap)
         with pytest.raises(IndexFileError, match=str(path.name)):
-            HammingIndex.load(path)
+            HammingIndex.load(path, mmap=mmap)
 
 
-def _load_within(path, seconds: float = 20.0):
+def _load_within(path, seconds: float = 20.0, **kw):
     """``HammingIndex.load(path)`` in a thread; returns the index or the exception. A load that waits
     (on a FIFO) fails the test instead of blocking it: a writer is opened to release it."""
     out = {}
 
     def run():
         try:
-            out["result"] = HammingIndex.load(path)
+            out["result"] = HammingIndex.load(path, **kw)
         except Exception as e:  # noqa: BLE001 - handed to the test
             out["result"] = e
 
@@ -172,14 +173,15 @@ def _load_within(path, seconds: float = 20.0):
     return out["result"]
 
 
-def test_load_refuses_what_is_not_a_regular_file(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_load_refuses_what_is_not_a_regular_file(tmp_path, mmap):
     fifo = tmp_path / "pipe.dmmh"
     os.mkfifo(fifo)
     cases = {fifo: "a FIFO", tmp_path: "a directory"}
     if os.path.exists("/dev/zero"):
         cases[Path("/dev/zero")] = "a device"
     for path, kind in cases.items():
-        err = _load_within(path)
+        err = _load_within(path, mmap=mmap)
         assert isinstance(err, IndexFileError) and f"{path}: not a regular file ({kind}" in str(err), err
 
 
@@ -196,24 +198,25 @@ def _peak_bytes(call) -> tuple[int, object]:
         tracemalloc.stop()
 
 
-def test_load_checks_the_header_before_reading_the_body(tmp_path):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_load_checks_the_header_before_reading_the_body(tmp_path, mmap):
     """A wrong path to a big file, or a header that declares more than the file holds, costs a header read."""
     big = tmp_path / "big.bin"
     with open(big, "wb") as f:
         f.truncate(1 << 30)  # sparse: 1 GiB of zeros, no disk used
-    peak, err = _peak_bytes(lambda: HammingIndex.load(big))
+    peak, err = _peak_bytes(lambda: HammingIndex.load(big, mmap=mmap))
     assert isinstance(err, IndexFileError) and "not a dmmh HammingIndex file" in str(err)
     assert peak < 1 << 20, peak
     n = 1 << 40  # declared items: 16 TiB of payload in a 100-byte file
     lying = tmp_path / "lying.dmmh"
     lying.write_bytes(MAGIC + _HEADER.pack(VERSION, 64, n, n * 16) + bytes(100))
-    peak, err = _peak_bytes(lambda: HammingIndex.load(lying))
+    peak, err = _peak_bytes(lambda: HammingIndex.load(lying, mmap=mmap))
     assert isinstance(err, IndexFileError) and f"truncated: 132 bytes, expected {32 + n * 16 + 32}" in str(err)
     assert peak < 1 << 20, peak
     with open(big, "r+b") as f:  # a valid header whose size matches the sparse file: read, then the checksum fails
         f.write(MAGIC + _HEADER.pack(VERSION, 64, 10, 160))
         f.truncate(32 + 160 + 32)
-    err = _load_within(big)
+    err = _load_within(big, mmap=mmap)
     assert isinstance(err, IndexFileError) and "checksum mismatch" in str(err)
 
 

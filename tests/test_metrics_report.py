@@ -88,7 +88,7 @@ def test_bad_codes_file_and_arguments(tmp_path):
         dmmh_main(["report", "--ckpt", "a.ckpt", "--out", str(tmp_path)])  # --ckpt needs --data
 
 
-def mir_checkpoint(tmp_path, rng):
+def mir_checkpoint(tmp_path, rng, val_split=0.1):
     """A small MIR-format MATLAB v7.3 file (memory-mapped read-only on load) and a checkpoint trained on it."""
     import lightning as L
 
@@ -100,7 +100,7 @@ def mir_checkpoint(tmp_path, rng):
     model = DMMHModule(image_dim=7, text_dim=5, n_classes=24, n_bits=16, encoder="mlp", dim=8, fusion="additive")
     trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, MIRFlickr25K(str(mat), batch_size=8))
+    trainer.fit(model, MIRFlickr25K(str(mat), batch_size=8, val_split=val_split))
     trainer.save_checkpoint(tmp_path / "mir16.ckpt")
     return mat, tmp_path / "mir16.ckpt", model
 
@@ -125,10 +125,22 @@ def test_report_from_checkpoint_with_a_fit_config(tmp_path, rng):
                                  torch.from_numpy(s["database"].label), precision_ks=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
     first = json.loads((tmp_path / "r1" / "metrics.json").read_text())["runs"]["mir16"]
     assert first["mAP"] == expected["mAP"] and first["n_database"] == 30 and first["n_bits"] == 16
+    assert first.pop("validation") == model.hparams.validation and model.hparams.validation.startswith("held out")
     saved = load_codes(tmp_path / "codes" / "mir16.npz")
     assert torch.equal(saved["query_codes"], enc["query"] >= 0) and torch.equal(saved["database_codes"], enc["database"] >= 0)
     dmmh_main(["report", "--codes", str(tmp_path / "codes" / "mir16.npz"), "--out", str(tmp_path / "r2"), "--no-plots"])
-    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["runs"]["mir16"] == first
+    second = json.loads((tmp_path / "r2" / "metrics.json").read_text())["runs"]["mir16"]
+    assert second.pop("validation") == "not recorded (codes file)" and second == first
+
+
+def test_report_says_selected_on_test(tmp_path, rng, capsys):
+    """A checkpoint selected on the test data (``val_split="test"``) is reported as such (issue #12)."""
+    mat, ckpt, _ = mir_checkpoint(tmp_path, rng, val_split="test")
+    dmmh_main(["report", "--ckpt", str(ckpt), "--data", "mirflickr", "--data.root", str(mat), "--out", str(tmp_path / "r"),
+               "--no-plots", "--no-progress"])
+    run = json.loads((tmp_path / "r" / "metrics.json").read_text())["runs"]["mir16"]
+    assert run["validation"].startswith("selected on test")
+    assert "validation: selected on test" in capsys.readouterr().out
 
 
 def test_report_checks_missing_extras_before_encoding(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ def test_lightning_validation_logs_functional_map():
     from dmmh import DMMHModule, SyntheticMultiLabel
 
     torch.manual_seed(0)
-    dm = SyntheticMultiLabel(num_train=32, num_query=12, num_database=40, image_dim=6, text_dim=5, num_classes=4, eval_batch_size=16)
+    dm = SyntheticMultiLabel(num_train=32, num_query=12, num_database=40, image_dim=6, text_dim=5, num_classes=4, eval_batch_size=16, val_split="test")
     model = DMMHModule(image_dim=6, text_dim=5, n_classes=4, n_bits=8, dim=8, fusion="additive")
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     logged = trainer.validate(model, dm, verbose=False)[0]["val/mAP"]

@@ -49,7 +49,7 @@ def test_training_beats_untrained_model(tmp_path, fusion, head):
 @pytest.mark.parametrize("options", [{}, {"map_top_k": 5, "map_normalizer": "relevant", "map_empty": "exclude"}, {"map_top_k": 20, "map_normalizer": "min"}])
 def test_logged_map_equals_direct_computation(tmp_path, options):
     L.seed_everything(2, verbose=False)
-    data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16)
+    data = small_data(num_query=37, num_database=101, num_train=50, batch_size=16, val_split="test")
     data.eval_batch_size = 16  # several eval batches per split
     module = module_for(data, **options)
     logged = trainer(tmp_path).validate(module, data, verbose=False)[0]["val/mAP"]
@@ -178,7 +178,7 @@ def test_single_validation_loader_serves_as_query_and_database_in_fit(tmp_path):
             return data.train_dataloader()
 
         def val_dataloader(self):
-            return data.val_dataloader()[1]
+            return data.predict_dataloader()[1]  # one loader without roles
 
     module = module_for(data)
     t = trainer(tmp_path, max_epochs=1, num_sanity_val_steps=2)

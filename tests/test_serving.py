@@ -185,7 +185,18 @@ def test_shard_store_verifies_what_it_reuses(tmp_path):
     again = ShardStore(tmp_path / "p", record, 10, 4, 16)
     again.open()
     assert again.run_id == store.run_id and again.pending() == []
-    assert torch.equal(again.merge().codes, codes) and again.merge().ids.tolist() == list(range(10))
+    merged = dmmh.hashing.HammingIndex.load(again.merge(tmp_path / "merged.dmmh"))
+    assert torch.equal(merged.codes, codes) and merged.ids.tolist() == list(range(10))
+    # a shard that goes bad after pending() verified it is refused by the merge, naming it; no index is written
+    good = store.path(2).read_bytes()
+    store.path(2).write_bytes(good[:40] + bytes([good[40] ^ 1]) + good[41:])
+    with pytest.raises(ShardError, match=f"{store.path(2).name}: checksum mismatch"):
+        again.merge(tmp_path / "bad.dmmh")
+    dmmh.hashing.HammingIndex(16).add(codes[8:], torch.tensor([8, 10])).save(store.path(2))
+    with pytest.raises(ShardError, match=r"ids are not the positions 8..9 of shard 2"):
+        again.merge(tmp_path / "bad.dmmh")
+    assert not (tmp_path / "bad.dmmh").exists()
+    store.path(2).write_bytes(good)
     # ids that are not the shard's positions (e.g. a shard of another layout renamed into place)
     dmmh.hashing.HammingIndex(16).add(codes[:4], torch.arange(1, 5)).save(store.path(0))
     dmmh.hashing.HammingIndex(8).add(codes[4:8, :1], torch.arange(4, 8)).save(store.path(1))
@@ -194,7 +205,7 @@ def test_shard_store_verifies_what_it_reuses(tmp_path):
     reasons = [str(w.message) for w in caught]
     assert any("ids are not the positions 0..3" in r for r in reasons) and any("8-bit codes" in r for r in reasons)
     with pytest.raises(ShardError, match="missing.*shared filesystem"):
-        again.merge()
+        again.merge(tmp_path / "bad.dmmh")
     # a shard of another run (another run id) is never picked up
     other = ShardStore(tmp_path / "q", record, 10, 4, 16)
     other.open()
@@ -345,7 +356,8 @@ def pairs_index(tmp_path_factory):
     folder.mkdir()
     make_pairs_folder(folder, 8, "jsonl")
     L.seed_everything(0, verbose=False)
-    dm = tiny_datamodule(folder, tags_column=None, batch_size=8)  # instance labels: each caption its own class
+    # instance labels (each caption its own class); val_split=0: every item is trained on, none held out
+    dm = tiny_datamodule(folder, tags_column=None, batch_size=8, val_split=0)
     clip = {"model": TINY_NAME, "model_config": TINY_CLIP, "freeze": True, "head": "mlp"}
     module = dmmh.DMMHModule(image_dim=dm.image_dim, text_dim=dm.text_dim, n_classes=dm.num_classes, n_bits=16, dim=16,
                              image_encoder="clip_image", text_encoder="clip_text", encoder_kwargs=clip, fusion="cnn_deep",

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "prepare": "a benchmark file from the official MIR-Flickr / NUS-WIDE / COCO release (+ manifest; --check)",
     "report": "mAP, precision@k, PR curve, precision within a radius, from codes or checkpoints -> JSON/CSV/PNG",
     "search": "query an index by caption, image, item or features: nearest ids, distances, image paths, captions",
+    "table": "fit + test datasets x bits x encoders x seeds -> table.md/csv/json + map_vs_bits.png (resumable)",
 }
 
 

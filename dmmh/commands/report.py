@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             if a.save_codes:
                 print(f"wrote {save_codes(codes, Path(a.save_codes) / f'{name}.npz')}")
         runs[name] = evaluate(codes, **options)
-        print(f"{name}: {runs[name]['n_bits']} bits, mAP@all {runs[name]['mAP']:.4f}")
+        # the protocol the checkpoint was selected under (codes files do not record it)
+        runs[name]["validation"] = codes.get("validation") if a.ckpt else "not recorded (codes file)"
+        print(f"{name}: {runs[name]['n_bits']} bits, mAP@all {runs[name]['mAP']:.4f}; validation: {runs[name]['validation']}")
     written = write_report(runs, a.out, plots=not a.no_plots)
     print("wrote " + ", ".join(str(path) for path in written.values()))
     return written

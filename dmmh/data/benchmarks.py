@@ -9,11 +9,11 @@ it. Published split sizes (DESIGN.md §2) are checked with a warning, the class 
 from __future__ import annotations
 
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, Literal, Union
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from dmmh.data.base import FeatureDataModule, Split
+from dmmh.data.base import VAL_SPLIT, FeatureDataModule, Split
 from dmmh.data.normalize import normalize_splits
 from dmmh.data.cache import cached_feature_file
 from dmmh.data.readers import SPLIT_KEYS, FeatureFile, find_feature_file, read_feature_file, validate_feature_file
@@ -38,7 +38,9 @@ class BenchmarkDataModule(FeatureDataModule):
             made from a scanned source is not scanned again).
         allow_external: read HDF5 datasets whose bytes live outside the file (external links,
             external raw storage, virtual datasets); refused by default.
-        batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
+        batch_size, eval_batch_size, num_workers, seed, val_split, val_seed: see
+            :class:`~dmmh.data.base.FeatureDataModule` (by default 10 % of the training items are
+            held out as validation queries).
     """
 
     display_name: ClassVar[str]
@@ -58,8 +60,11 @@ class BenchmarkDataModule(FeatureDataModule):
         eval_batch_size: int = 1024,
         num_workers: int = 0,
         seed: int = 0,
+        val_split: Union[float, Literal["test"]] = VAL_SPLIT,
+        val_seed: int = 0,
     ):
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                         val_split=val_split, val_seed=val_seed)
         self.root, self.normalize, self.mmap = root, normalize, bool(mmap)
         self.cache_dir, self.check_values, self.allow_external = cache_dir, bool(check_values), bool(allow_external)
         self.source: FeatureFile | None = None

@@ -27,7 +27,10 @@ when it is loaded, is an error naming its metadata row.
 Splits: a ``split`` column with ``train`` (also in the database, as in the benchmarks),
 ``database`` (alias ``db``, ``retrieval``) or ``query`` (alias ``test``); without it
 ``num_query`` items (a count, or a fraction when < 1) drawn with ``seed`` are queries and the
-rest are both train and database; ``num_query=0`` uses every item as train, database and query.
+rest are both train and database; ``num_query=0`` uses every item as train, database and query
+(then nothing is held out from training: the test measures memorisation). ``fit`` validates on
+``val_split`` of the training items, held out from training, as for every
+:class:`~dmmh.data.base.FeatureDataModule`.
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dmmh.data.base import SPLITS, FeatureDataModule
+from dmmh.data.base import SPLITS, VAL_SPLIT, FeatureDataModule
 from dmmh.registry import DATAMODULES
 
 __all__ = ["PairsDataModule", "PairsDataset", "PairsTable", "read_pairs", "BadRowsError"]
@@ -346,7 +349,8 @@ class PairsDataModule(FeatureDataModule):
             open_clip model (see :class:`dmmh.encoders.clip.ClipBackbone`) ...
         transform, tokenizer: ... or pass them (``PIL image → tensor``, ``list[str] → (N, L) ids``).
         cache_dir: no longer used (deprecated; the metadata is parsed without a cache).
-        batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
+        batch_size, eval_batch_size, num_workers, seed, val_split, val_seed: see
+            :class:`~dmmh.data.base.FeatureDataModule`.
     """
 
     def __init__(self, root: str, metadata: str | None = None, image_column: str | None = None,
@@ -355,8 +359,10 @@ class PairsDataModule(FeatureDataModule):
                  num_query: float = 0, clip_model: str | None = None, clip_pretrained: str | None = None,
                  clip_config: Mapping[str, Any] | None = None, transform: Callable | None = None,
                  tokenizer: Callable | None = None, cache_dir: str | None = None, batch_size: int = 64,
-                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0, allow_outside_root: bool = False):
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+                 eval_batch_size: int = 256, num_workers: int = 0, seed: int = 0, allow_outside_root: bool = False,
+                 val_split: Union[float, Literal["test"]] = VAL_SPLIT, val_seed: int = 0):
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                         val_split=val_split, val_seed=val_seed)
         if labels not in LABEL_MODES:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         if num_query < 0:
@@ -470,10 +476,10 @@ class PairsDataModule(FeatureDataModule):
         self.splits  # noqa: B018
         return len(self.classes) if self.label_array.ndim == 1 else int(self.label_array.shape[1])
 
-    def dataset(self, split: str) -> PairsDataset:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        rows = self.splits[split]
+    def dataset(self, role: str) -> PairsDataset:
+        """The items of ``role``: a split, or a role of ``fit`` (see :data:`~dmmh.data.base.ROLES`)."""
+        split, positions = self.rows(role)
+        rows = self.splits[split] if positions is None else self.splits[split][positions]
         return PairsDataset(self.table.paths, self.tokens, self.label_array, self.num_classes, rows, self._transform,
                             self.table.where)
 

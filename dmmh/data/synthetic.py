@@ -33,6 +33,8 @@ class SyntheticMultiLabel(FeatureDataModule):
         image_dim, text_dim, num_classes: shapes.
         noise: standard deviation of the Gaussian noise added to the features.
         data_seed: seed of the generated data.
+        **kwargs: :class:`~dmmh.data.base.FeatureDataModule`'s (``batch_size``, ``eval_batch_size``,
+            ``num_workers``, ``seed``, ``val_split``, ``val_seed``).
     """
 
     def __init__(

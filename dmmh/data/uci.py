@@ -29,10 +29,11 @@ import hashlib
 import io
 import tarfile
 from importlib import resources
+from typing import Literal, Union
 
 import numpy as np
 
-from dmmh.data.base import FeatureDataModule, Split
+from dmmh.data.base import VAL_SPLIT, FeatureDataModule, Split
 from dmmh.data.normalize import normalize_splits
 from dmmh.registry import DATAMODULES
 
@@ -89,7 +90,9 @@ class UCIMultipleFeatures(FeatureDataModule):
         split_seed: seed of the split.
         normalize: feature normalisation fitted on the train split (see
             :mod:`dmmh.data.normalize`); the views' scales differ by orders of magnitude.
-        batch_size, eval_batch_size, num_workers, seed: see :class:`~dmmh.data.base.FeatureDataModule`.
+        batch_size, eval_batch_size, num_workers, seed, val_split, val_seed: see
+            :class:`~dmmh.data.base.FeatureDataModule` (by default 10 % of the training digits, 100,
+            are held out as validation queries against the other 900).
     """
 
     def __init__(
@@ -104,8 +107,11 @@ class UCIMultipleFeatures(FeatureDataModule):
         eval_batch_size: int = 1024,
         num_workers: int = 0,
         seed: int = 0,
+        val_split: Union[float, Literal["test"]] = VAL_SPLIT,
+        val_seed: int = 0,
     ):
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                         val_split=val_split, val_seed=val_seed)
         for arg, view in (("image_view", image_view), ("text_view", text_view)):
             if view not in UCI_VIEWS:
                 raise ValueError(f"{arg} must be one of {sorted(UCI_VIEWS)}, got {view!r}")

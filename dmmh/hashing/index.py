@@ -7,16 +7,21 @@ File format (little-endian), version 1::
     payload          codes uint8 (n_items, n_bits / 8), then ids int64 (n_items,)
     digest  32 bytes sha256 of header + payload
 
-Files are written to a temporary file next to the target and renamed over it (atomic).
+Files are written to a temporary file next to the target and renamed over it (atomic), in blocks
+of at most :data:`BLOCK_BYTES` (header, codes, ids, then the incrementally computed digest), so
+saving and merging (:meth:`HammingIndex.merge_files`) need no copy of the index in memory;
+``load(path, mmap=True)`` maps the codes and ids instead of reading them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap as _mmap
 import os
 import stat
 import struct
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +55,7 @@ MAGIC = b"DMMHHIX\0"
 VERSION = 1
 _HEADER = struct.Struct("<IIQQ")
 _DIGEST = 32
+BLOCK_BYTES = 1 << 22  # largest piece written or hashed at once when streaming (4 MiB)
 
 
 class IndexFileError(ValueError):
@@ -204,26 +210,90 @@ class HammingIndex:
     # ------------------------------------------------------------------ persistence
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to one file, atomically (temporary file + rename)."""
-        codes, ids = self.codes.cpu().contiguous(), self.ids.cpu().contiguous()
-        payload = codes.numpy().tobytes() + ids.numpy().astype("<i8").tobytes()
-        header = _HEADER.pack(VERSION, self.n_bits, codes.shape[0], len(payload))
-        digest = hashlib.sha256(header + payload).digest()
-        path = atomic_write(path, MAGIC + header + payload + digest)
-        return path
+        """Write the index to one file, atomically (temporary file + rename), streaming it in blocks
+        of at most :data:`BLOCK_BYTES`: no copy of the codes or ids is made (a CUDA index is copied
+        to the host block by block)."""
+        parts = [(self._codes, self._ids), *self._pending]  # not flushed: that would copy every code
+        codes, ids = (c for c, _ in parts), (i for _, i in parts)
+        return atomic_write(path, lambda f: _write(f, self.n_bits, len(self), codes, ids))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | torch.device = "cpu") -> HammingIndex:
+    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | torch.device = "cpu", *,
+             mmap: bool = False, verify: bool = True) -> HammingIndex:
         """Read a file written by :meth:`save`; foreign, truncated or corrupted files raise :class:`IndexFileError`.
 
         Only regular files are opened (a FIFO or a device is refused without waiting on it). The magic and
         header are read and checked against the file's size first, so a wrong path costs 32 bytes of
         reading, and memory is allocated only for the payload the header declares and the file holds.
+
+        ``mmap=True`` maps the codes and ids (copy-on-write, private: the file is never written)
+        instead of reading them into memory; pages are read on first use and the kernel may drop
+        them again. The file must not be truncated or rewritten in place while mapped (``save``
+        replaces files by rename, which a mapping survives). Searches read the mapped codes; the
+        faiss and multi-index backends build their own copy on the first search, as for any index.
+        ``add`` works: the first search after it copies the codes into memory (``save`` streams
+        without that copy). On a CUDA ``device`` the mapped file is copied to the device.
+
+        ``verify=True`` checks the SHA-256 digest: one sequential pass over the whole file (by
+        blocks through the mapping with ``mmap``), about the cost of reading it.
+        ``verify=False`` skips it: a mapped load then costs the header checks only, and a
+        corrupted payload goes unnoticed.
         """
-        n_bits, codes, ids = _read_file(Path(path))
-        index = cls(n_bits, backend=backend, device=device)
+        n_bits, codes, ids, _ = _read_file(Path(path), mmap=mmap, verify=verify)
+        return cls._of(n_bits, codes, ids, backend=backend, device=device)
+
+    @classmethod
+    def _of(cls, n_bits: int, codes: np.ndarray, ids: np.ndarray, **kw) -> HammingIndex:
+        index = cls(n_bits, **kw)
         index._codes, index._ids = torch.from_numpy(codes).to(index.device), torch.from_numpy(ids).to(index.device)
         return index
+
+    @staticmethod
+    def merge_files(paths: Sequence[str | os.PathLike], out: str | os.PathLike,
+                    check: Callable[[int, HammingIndex], object] | None = None) -> Path:
+        """Write one index file ``out`` holding the codes and ids of the index files ``paths`` in
+        order (what adding them one after another and saving gives, byte for byte), atomically.
+
+        Streaming: the headers are read first (``out``'s header needs the total count); then each
+        input is memory-mapped in turn, verified (checksum), handed to ``check(i, index)`` (raise to
+        refuse it) and its codes written; then each is mapped again, confirmed unchanged (same
+        stored digest), and its ids written. At most two inputs are mapped at a time and no copy
+        of their codes or ids is made. Bad inputs raise :class:`IndexFileError` naming the file,
+        as do inputs of different ``n_bits``; ``out`` is then left as it was.
+        """
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise ValueError("HammingIndex.merge_files: no input files")
+        heads = []
+        for p in paths:
+            f, size = _open_regular(p)
+            with f:
+                heads.append(_read_header(f, size, p)[1:])
+        n_bits = heads[0][0]
+        for p, (bits, _) in zip(paths, heads):
+            if bits != n_bits:
+                raise IndexFileError(f"{p}: {bits}-bit codes, {paths[0]} holds {n_bits}-bit codes; merged files must agree")
+        digests: list[bytes] = []
+
+        def mapped(verify: bool) -> Iterator[tuple[int, Path, np.ndarray, np.ndarray, bytes]]:
+            for i, p in enumerate(paths):
+                bits, codes, ids, digest = _read_file(p, mmap=True, verify=verify)
+                if (bits, len(ids)) != heads[i] or (not verify and digest != digests[i]):
+                    raise IndexFileError(f"{p}: changed during the merge")
+                yield i, p, codes, ids, digest
+
+        def all_codes() -> Iterator[np.ndarray]:
+            for i, _, codes, ids, digest in mapped(verify=True):
+                if check is not None:
+                    check(i, HammingIndex._of(n_bits, codes, ids))
+                digests.append(digest)
+                yield codes
+
+        def all_ids() -> Iterator[np.ndarray]:
+            for _, _, _, ids, _ in mapped(verify=False):
+                yield ids
+
+        return atomic_write(out, lambda f: _write(f, n_bits, sum(n for _, n in heads), all_codes(), all_ids()))
 
     # ------------------------------------------------------------------ faiss interop
 
@@ -286,6 +356,35 @@ def _open_regular(path: Path):
     return os.fdopen(fd, "rb"), st.st_size
 
 
+def _blocks(part: Tensor | np.ndarray, dtype) -> Iterator[np.ndarray]:
+    """``part``'s rows in pieces of at most :data:`BLOCK_BYTES`, as C-contiguous ``dtype`` arrays (views when possible)."""
+    row_bytes = int(np.prod(part.shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    step = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    for start in range(0, part.shape[0], step):
+        block = part[start : start + step]
+        if isinstance(block, Tensor):
+            block = block.cpu().numpy()
+        yield np.ascontiguousarray(block.astype(dtype, copy=False))
+
+
+def _write(f, n_bits: int, n: int, codes: Iterable[Tensor | np.ndarray], ids: Iterable[Tensor | np.ndarray]) -> None:
+    """Write one index file to ``f``: header, every block of ``codes``, of ``ids``, then the digest."""
+    header = _HEADER.pack(VERSION, n_bits, n, n * (n_bits // 8 + 8))
+    digest = hashlib.sha256(header)
+    f.write(MAGIC + header)
+    for parts, dtype, what in ((codes, np.uint8, "codes"), (ids, "<i8", "ids")):
+        rows = 0
+        for part in parts:
+            for block in _blocks(part, dtype):
+                f.write(block)
+                digest.update(block)
+                rows += block.shape[0]
+                del block  # before the next one is made: one block alive at a time
+        if rows != n:
+            raise RuntimeError(f"index writer: {rows} rows of {what}, the header declares {n}")
+    f.write(digest.digest())
+
+
 def _read_exact(f, out: np.ndarray, path: Path) -> None:
     view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
     while done < len(view):
@@ -295,29 +394,60 @@ def _read_exact(f, out: np.ndarray, path: Path) -> None:
         done += got
 
 
-def _read_file(path: Path) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(n_bits, codes, ids)`` of an index file, header checked against the file size before the body is read."""
+def _read_header(f, size: int, path: Path) -> tuple[bytes, int, int]:
+    """``(magic + header bytes, n_bits, n_items)``, checked against the file's ``size``."""
+    head = f.read(len(MAGIC) + _HEADER.size)
+    if not head.startswith(MAGIC) and not MAGIC.startswith(head):
+        raise IndexFileError(f"{path}: not a dmmh HammingIndex file (starts with {head[:8]!r}, expected {MAGIC!r})")
+    if len(head) < len(MAGIC) + _HEADER.size:
+        raise IndexFileError(f"{path}: truncated: {size} bytes, the header alone needs {len(MAGIC) + _HEADER.size}")
+    version, n_bits, n, n_payload = _HEADER.unpack_from(head, len(MAGIC))
+    if version != VERSION:
+        raise IndexFileError(f"{path}: format version {version}, this dmmh reads version {VERSION}")
+    if n_bits < 8 or n_bits % 8 or n_payload != n * (n_bits // 8 + 8):
+        raise IndexFileError(f"{path}: inconsistent header (n_bits={n_bits}, items={n}, payload={n_payload} bytes)")
+    expected = len(head) + n_payload + _DIGEST
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise IndexFileError(f"{path}: {what}: {size} bytes, expected {expected} for {n} codes of {n_bits} bits")
+    return head, n_bits, n
+
+
+def _read_file(path: Path, mmap: bool = False, verify: bool = True) -> tuple[int, np.ndarray, np.ndarray, bytes]:
+    """``(n_bits, codes, ids, stored digest)`` of an index file, header checked against the file size
+    before the body is read or mapped; the digest is checked when ``verify``."""
     f, size = _open_regular(path)
     with f:
-        head = f.read(len(MAGIC) + _HEADER.size)
-        if not head.startswith(MAGIC) and not MAGIC.startswith(head):
-            raise IndexFileError(f"{path}: not a dmmh HammingIndex file (starts with {head[:8]!r}, expected {MAGIC!r})")
-        if len(head) < len(MAGIC) + _HEADER.size:
-            raise IndexFileError(f"{path}: truncated: {size} bytes, the header alone needs {len(MAGIC) + _HEADER.size}")
-        version, n_bits, n, n_payload = _HEADER.unpack_from(head, len(MAGIC))
-        if version != VERSION:
-            raise IndexFileError(f"{path}: format version {version}, this dmmh reads version {VERSION}")
-        if n_bits < 8 or n_bits % 8 or n_payload != n * (n_bits // 8 + 8):
-            raise IndexFileError(f"{path}: inconsistent header (n_bits={n_bits}, items={n}, payload={n_payload} bytes)")
-        expected = len(head) + n_payload + _DIGEST
-        if size != expected:
-            what = "truncated" if size < expected else "has trailing bytes"
-            raise IndexFileError(f"{path}: {what}: {size} bytes, expected {expected} for {n} codes of {n_bits} bits")
-        codes, ids = np.empty((n, n_bits // 8), np.uint8), np.empty(n, "<i8")  # at most the file's size
-        digest = hashlib.sha256(head[len(MAGIC) :])
-        for part in (codes, ids):
-            _read_exact(f, part, path)
-            digest.update(part)
-        if digest.digest() != f.read(_DIGEST):
-            raise IndexFileError(f"{path}: checksum mismatch (corrupted file)")
-    return n_bits, codes, ids.astype(np.int64, copy=False)
+        head, n_bits, n = _read_header(f, size, path)
+        start, width = len(head), n_bits // 8
+        if mmap:
+            mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)  # private: writes never reach the file
+            if len(mm) != size:
+                mm.close()
+                raise IndexFileError(f"{path}: changed while being opened ({size} bytes, then {len(mm)})")
+            stored = mm[size - _DIGEST :]
+            if verify and _digest_of(mm, len(MAGIC), size - _DIGEST) != stored:
+                mm.close()
+                raise IndexFileError(f"{path}: checksum mismatch (corrupted file)")
+            codes = np.frombuffer(mm, np.uint8, n * width, start).reshape(n, width)
+            ids = np.frombuffer(mm, "<i8", n, start + n * width)
+        else:
+            codes, ids = np.empty((n, width), np.uint8), np.empty(n, "<i8")  # at most the file's size
+            for part in (codes, ids):
+                _read_exact(f, part, path)
+            stored = f.read(_DIGEST)
+            if verify and _digest_of(memoryview(head), len(MAGIC), len(head), codes, ids) != stored:
+                raise IndexFileError(f"{path}: checksum mismatch (corrupted file)")
+    return n_bits, codes, ids.astype(np.int64, copy=False), stored
+
+
+def _digest_of(buffer, start: int, stop: int, *more) -> bytes:
+    """SHA-256 of ``buffer[start:stop]`` (hashed by blocks of :data:`BLOCK_BYTES`, no copy) then of ``more``."""
+    digest = hashlib.sha256()
+    with memoryview(buffer) as view:
+        for s in range(start, stop, BLOCK_BYTES):
+            with view[s : min(s + BLOCK_BYTES, stop)] as block:
+                digest.update(block)
+    for part in more:
+        digest.update(part)
+    return digest.digest()

@@ -173,7 +173,9 @@ def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int | Non
                       progress: bool = False) -> dict[str, Tensor]:
     """Codes (bool bits) and labels of the query and database splits of ``datamodule`` under a trained
     checkpoint, encoded on the CPU in batches of ``batch_size`` (default: the DataModule's
-    ``eval_batch_size``), with a progress bar over items when ``progress``.
+    ``eval_batch_size``), with a progress bar over items when ``progress``. The dict also holds
+    ``"validation"``: how the run selected its checkpoint (its ``hparams.validation``, e.g.
+    "selected on test: ..."), or ``None`` for a checkpoint that does not record it.
 
     The checkpoint is loaded with ``weights_only=True``: tensors and plain containers only, never
     pickled code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says (see docs/trust.md).
@@ -197,6 +199,7 @@ def encode_checkpoint(ckpt: str | os.PathLike, datamodule, batch_size: int | Non
                 labels.append(batch["label"])
                 bar.update(len(batch["label"]))
             out[f"{split}_codes"], out[f"{split}_labels"] = torch.cat(codes), torch.cat(labels)
+    out["validation"] = module.hparams.get("validation")
     return out
 
 

@@ -40,6 +40,9 @@ class DMMHModule(L.LightningModule):
         map_top_k, map_empty, map_normalizer: evaluation options of :class:`~dmmh.metrics.RetrievalMAP`
             (see docs/evaluation.md: ``map_empty="exclude"`` matches the MATLAB code behind the
             published tables, the default ``"zero"`` the Python ports).
+        validation: a record, set by ``fit`` from the DataModule's
+            :attr:`~dmmh.data.base.FeatureDataModule.validation`: how the run validated and so
+            selected its checkpoints (e.g. ``"selected on test: ..."``). It does not change the model.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class DMMHModule(L.LightningModule):
         map_top_k: int | None = None,
         map_empty: str = "zero",
         map_normalizer: str = "retrieved",
+        validation: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -128,6 +132,19 @@ class DMMHModule(L.LightningModule):
             return
         for role in ROLES if n_loaders == 1 else (ROLES[dataloader_idx],):
             metric.update(codes, label, index, role)
+
+    def on_fit_start(self) -> None:
+        # how this run selects checkpoints (FeatureDataModule.validation, e.g. "selected on test: ..."),
+        # saved with the checkpoints' hyperparameters
+        validation = getattr(self.trainer.datamodule, "validation", None)
+        if isinstance(validation, str):
+            self.hparams.validation = validation
+
+    def on_train_start(self) -> None:
+        # after Lightning logged the hyperparameters given to __init__: log the validation in force
+        if self.hparams.get("validation") is not None:
+            for logger in self.loggers:
+                logger.log_hyperparams({"validation": self.hparams.validation})
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         # num_val_batches, not a check of trainer.validating: fit's sanity check runs this step in another stage

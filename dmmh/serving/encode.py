@@ -222,8 +222,7 @@ def encode_index(ckpt: str | Path, collection: Collection, out: str | Path, *, b
         per_rank = trainer.strategy.all_gather(torch.tensor(writer.written)).reshape(-1).tolist()
     if trainer.global_rank != 0:
         return None
-    index = store.merge()
-    index.save(out)
+    store.merge(out)
     manifest["index"]["digest"] = index_digest(out)
     manifest["encoding"]["world_size"] = trainer.world_size
     items = item_descriptions(dm, collection.split)

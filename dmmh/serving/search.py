@@ -64,7 +64,7 @@ class Searcher:
                  backend: str = "auto"):
         self.path = Path(index)
         self.manifest = read_manifest(self.path)
-        self.index = HammingIndex.load(self.path, backend=backend)
+        self.index = HammingIndex.load(self.path, backend=backend, mmap=True)  # read on demand: any index size
         check_index(self.manifest, self.path, len(self.index), self.index.n_bits)
         ckpt = ckpt or self.manifest["model"].get("checkpoint")
         if not ckpt:

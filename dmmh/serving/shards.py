@@ -50,7 +50,7 @@ class ShardStore:
     """The parts folder of one encoding (see the module docs).
 
     ``open`` (one process: rank 0) creates or verifies ``meta.json``; ``pending`` verifies the
-    finished shards; any process ``write``s the shards it encodes; ``merge`` reads them all.
+    finished shards; any process ``write``s the shards it encodes; ``merge`` streams them all into one file.
     """
 
     def __init__(self, folder: str | Path, record: Mapping[str, Any], n_items: int, shard_size: int, n_bits: int):
@@ -112,17 +112,22 @@ class ShardStore:
             (tmp / self.meta_path.name).write_text(json.dumps(meta, indent=1) + "\n")
 
     def load(self, i: int) -> HammingIndex:
-        """Shard ``i``, verified (raises :class:`ShardError`)."""
-        path, want = self.path(i), self.ranges[i]
+        """Shard ``i``, memory-mapped and verified (raises :class:`ShardError`)."""
+        path = self.path(i)
         try:
-            shard = HammingIndex.load(path)
+            shard = HammingIndex.load(path, mmap=True)
         except (OSError, IndexFileError) as exc:
             raise ShardError(f"{path}: {exc}") from exc
+        self._check(i, shard)
+        return shard
+
+    def _check(self, i: int, shard: HammingIndex) -> None:
+        """Refuse shard ``i`` unless it has the run's bit length and exactly its positions as ids."""
+        path, want = self.path(i), self.ranges[i]
         if shard.n_bits != self.n_bits:
             raise ShardError(f"{path}: {shard.n_bits}-bit codes, this encoding makes {self.n_bits}")
         if not torch.equal(shard.ids, torch.arange(want.start, want.stop)):
             raise ShardError(f"{path}: ids are not the positions {want.start}..{want.stop - 1} of shard {i}")
-        return shard
 
     def pending(self) -> list[int]:
         """Shards still to encode; finished ones are verified, and a bad one is removed with a warning."""
@@ -146,17 +151,19 @@ class ShardStore:
             raise RuntimeError(f"shard {i}: got ids {ids.tolist()[:8]}..., expected positions {want.start}..{want.stop - 1}")
         HammingIndex(self.n_bits).add(codes, ids).save(self.path(i))
 
-    def merge(self) -> HammingIndex:
-        """One index of every shard in position order (each verified); a missing shard is an error."""
-        missing = [str(self.path(i)) for i in range(len(self.ranges)) if not self.path(i).exists()]
+    def merge(self, out: str | Path) -> Path:
+        """Write every shard, in position order, into the index file ``out``
+        (:meth:`HammingIndex.merge_files <dmmh.hashing.HammingIndex.merge_files>`: streaming, each
+        shard verified as :meth:`load` does); a missing or bad shard is a :class:`ShardError`."""
+        paths = [self.path(i) for i in range(len(self.ranges))]
+        missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise ShardError(f"{len(missing)} shard(s) missing after encoding, e.g. {missing[0]}: every process must "
                              f"write to a folder the merging process (rank 0) sees (a shared filesystem on several nodes)")
-        index = HammingIndex(self.n_bits)
-        for i in range(len(self.ranges)):
-            shard = self.load(i)
-            index.add(shard.codes, shard.ids)
-        return index
+        try:
+            return HammingIndex.merge_files(paths, out, check=self._check)
+        except IndexFileError as exc:
+            raise ShardError(str(exc)) from exc
 
     def remove(self) -> None:
         if self.folder.is_dir() and not self.folder.is_symlink():
