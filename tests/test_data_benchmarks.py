@@ -70,7 +70,7 @@ def test_wrong_class_count_is_an_error_naming_the_dataset(tmp_path):
 
 
 def test_published_sizes_warn(tmp_path):
-    path = write_mat73(tmp_path / "coco_cnn_twt_2014.mat", make_arrays(np.random.default_rng(), 80))
+    write_mat73(tmp_path / "coco_cnn_twt_2014.mat", make_arrays(np.random.default_rng(), 80))
     with pytest.warns(UserWarning, match=r"database split .* published MS-COCO split has 82783 \(expected 82783, found 20\)"):
         MSCOCO(root=str(tmp_path)).splits
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from dmmh._arrayfiles import ArrayHeader, FileFormatError, NpzArrays, SafetensorsArrays, read_arrays, reading
 from dmmh._io import atomic_write
 from dmmh._optional import require
-from dmmh.metrics.functional import EMPTY_POLICIES, NORMALIZERS, retrieval_metrics
+from dmmh.metrics.functional import retrieval_metrics
 
 __all__ = ["evaluate", "write_report", "load_codes", "save_codes", "encode_checkpoint", "CODE_KEYS", "CURVE_KS"]
 
