@@ -1,6 +1,6 @@
 """Encoding and training speed of the default DMMH model on the CPU, as a fraction of the machine's GEMM rate.
 
-    python benchmarks/bench_model.py [--bits 16 64 128] [--batch 256] [--train-batch 256] [--repeats 5] [--out DIR]
+    python benchmarks/bench_model.py [--device cpu|cuda] [--bits 16 64 128] [--batch 256] [--train-batch 256] [--repeats 5] [--out DIR]
 
 In this one process, for each encoder (the default ``mamba``; ``transformer`` too when registered, at the
 same width), code length, precision (fp32; bf16 under ``torch.autocast``) and thread count (1 and torch's
@@ -16,7 +16,10 @@ Then the checks of issue 13 (64 bits, fp32, default threads: encoding >= 50 % an
 GEMM rate; default threads >= 1.0x one thread for both), and bf16's agreement with fp32 on a trained model:
 the default model at 64 bits trained briefly (fp32) on the embedded UCI digits, its query and database
 codes encoded in fp32 and in bf16 (fraction of equal bits, mAP of each), and the same model trained
-with ``precision="bf16-mixed"``. Writes ``<out>/model_cpu.txt`` (default ``benchmarks/results``).
+with ``precision="bf16-mixed"``. Writes ``<out>/model_<device>.txt`` (default ``benchmarks/results``).
+
+With ``--device cuda`` the same on the GPU (one row per precision instead of per thread count; the GEMM is
+8192^3, fp32 without TF32 as torch's default; bf16 under ``torch.autocast("cuda")``), without the CPU checks.
 """
 
 from __future__ import annotations
@@ -41,8 +44,16 @@ IMAGE_DIM, TEXT_DIM, CLASSES = 4096, 1386, 24
 PRECISIONS = ("fp32", "bf16")
 
 
+DEVICE = "cpu"
+
+
 def precision(name: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
+    return torch.autocast(DEVICE, dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def interleaved_medians(fns: dict, threads: tuple[int, ...], repeats: int) -> dict:
@@ -52,8 +63,10 @@ def interleaved_medians(fns: dict, threads: tuple[int, ...], repeats: int) -> di
         for t in threads:
             torch.set_num_threads(t)
             for name, fn in fns.items():
+                sync()
                 start = time.perf_counter()
                 fn()
+                sync()
                 if r:
                     times[name, t].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -66,20 +79,22 @@ def flops(fn) -> int:
 
 
 def gemm_rates(threads: tuple[int, ...], repeats: int) -> dict[int, float]:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if DEVICE == "cuda" else 2048
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     t = interleaved_medians({"gemm": lambda: a @ b}, threads, repeats)
-    return {th: 2 * 2048**3 / t["gemm", th] / 1e9 for th in threads}
+    return {th: 2 * n**3 / t["gemm", th] / 1e9 for th in threads}
 
 
 def model_rows(rep: Report, encoder: str, bits: int, args, threads: tuple[int, ...]) -> dict:
     """One encoder at one code length: every precision and thread count. Returns {(kind, prec, threads): (items/s, ratio)}."""
     torch.manual_seed(0)
-    module = dmmh.DMMHModule(image_dim=IMAGE_DIM, text_dim=TEXT_DIM, n_classes=CLASSES, n_bits=bits, encoder=encoder)
+    module = dmmh.DMMHModule(image_dim=IMAGE_DIM, text_dim=TEXT_DIM, n_classes=CLASSES, n_bits=bits, encoder=encoder).to(DEVICE)
     module.log = lambda *a, **k: None  # training_step logs; no trainer here
     opt = module.configure_optimizers()
-    x, y = torch.randn(args.batch, IMAGE_DIM), torch.randn(args.batch, TEXT_DIM)
-    tb = {"image": torch.randn(args.train_batch, IMAGE_DIM), "text": torch.randn(args.train_batch, TEXT_DIM),
-          "label": (torch.rand(args.train_batch, CLASSES) < 0.1).float()}
+    x, y = torch.randn(args.batch, IMAGE_DIM, device=DEVICE), torch.randn(args.batch, TEXT_DIM, device=DEVICE)
+    tb = {"image": torch.randn(args.train_batch, IMAGE_DIM, device=DEVICE),
+          "text": torch.randn(args.train_batch, TEXT_DIM, device=DEVICE),
+          "label": (torch.rand(args.train_batch, CLASSES, device=DEVICE) < 0.1).float()}
 
     def train_step():
         module.train()
@@ -140,15 +155,16 @@ def agreement(rep: Report, epochs: int) -> None:
     for train_precision in ("32-true", "bf16-mixed"):
         L.seed_everything(0, verbose=False)
         module = dmmh.DMMHModule(image_dim=data.image_dim, text_dim=data.text_dim, n_classes=data.num_classes, n_bits=64)
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, precision=train_precision, logger=False,
+        trainer = L.Trainer(max_epochs=epochs, accelerator=DEVICE, devices=1, precision=train_precision, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         start = time.perf_counter()
         trainer.fit(module, data)
         seconds = time.perf_counter() - start
         codes = {}
+        module.to(DEVICE)
         for prec in PRECISIONS:
             with precision(prec):
-                codes[prec] = (module.encode(qi, qt), module.encode(di, dt))
+                codes[prec] = (module.encode(qi.to(DEVICE), qt.to(DEVICE)).cpu(), module.encode(di.to(DEVICE), dt.to(DEVICE)).cpu())
         same = torch.cat([(codes["fp32"][i] == codes["bf16"][i]).flatten() for i in (0, 1)]).float().mean().item()
         maps = {prec: mean_average_precision(c[0], c[1], ql, dl) for prec, c in codes.items()}
         rep(f"#   trained {train_precision:<10} ({seconds:5.1f} s): bits equal in fp32 and bf16 encoding {same * 100:6.2f}%;  "
@@ -157,24 +173,27 @@ def agreement(rep: Report, epochs: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--bits", type=int, nargs="+", default=[16, 64, 128])
     p.add_argument("--batch", type=int, default=256, help="items per encode call")
     p.add_argument("--train-batch", type=int, default=256, help="items per training step")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--encoders", nargs="+", default=None, help="default: mamba, and transformer when registered")
     p.add_argument("--agreement-epochs", type=int, default=10, help="0 skips the bf16 agreement part")
-    p.add_argument("--out", default=None, help="folder for model_cpu.txt (default benchmarks/results)")
+    p.add_argument("--out", default=None, help="folder for model_<device>.txt (default benchmarks/results)")
     args = p.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     default = torch.get_num_threads()
-    threads = (1, default) if default > 1 else (1,)
+    threads = (1, default) if default > 1 and DEVICE == "cpu" else (default,)
     encoders = args.encoders or ["mamba"] + (["transformer"] if "transformer" in dmmh.list_encoders() else [])
-    rep = Report("model", "cpu", args.out, f"DMMH encode and train-step speed vs the fp32 GEMM rate; median of {args.repeats}")
+    rep = Report("model", DEVICE, args.out, f"DMMH encode and train-step speed vs the fp32 GEMM rate; median of {args.repeats}")
     if hasattr(os, "getloadavg"):
         rep(f"# load average at start: {os.getloadavg()[0]:.1f}; batch {args.batch} (encode), {args.train_batch} (train)")
     if "transformer" not in encoders:
         rep("# the 'transformer' encoder is not registered in this build: no transformer rows")
     args.gemm = gemm_rates(threads, args.repeats)
-    rep("# fp32 GEMM 2048^3: " + ", ".join(f"{g:.1f} GFLOP/s with {t} thread{'s' * (t > 1)}" for t, g in args.gemm.items()))
+    rep(f"# fp32 GEMM {8192 if DEVICE == 'cuda' else 2048}^3: " + ", ".join(f"{g:.1f} GFLOP/s with {t} thread{'s' * (t > 1)}" for t, g in args.gemm.items()))
     rep(f"{'encoder':<11} {'bits':>4} {'prec':<5} {'threads':>7}  | {'encode/s':>9} {'MFLOP':>7} {'GFLOP/s':>7} {'%GEMM':>7}"
         f"  | {'train/s':>9} {'MFLOP':>7} {'GFLOP/s':>7} {'%GEMM':>7}")
     start = time.perf_counter()
@@ -183,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         for bits in args.bits:
             results[encoder, bits] = model_rows(rep, encoder, bits, args, threads)
     torch.set_num_threads(default)
-    if ("mamba", 64) in results and default > 1:
+    if ("mamba", 64) in results and len(threads) > 1:
         checks(rep, results["mamba", 64], default, args.gemm)
     if args.agreement_epochs:
         agreement(rep, args.agreement_epochs)

@@ -45,5 +45,6 @@ step timeout 150 $PY benchmarks/bench_selective_scan.py --device cuda --repeats 
 step timeout 120 $PY benchmarks/bench_pack.py --device cuda --out "$OUT"
 step timeout 150 $PY benchmarks/bench_knn.py --device cuda --out "$OUT"
 step timeout 60 $PY benchmarks/bench_map.py --device cuda --repeats 3 --baseline-queries 200
+step timeout 150 $PY benchmarks/bench_model.py --device cuda --batch 4096 --train-batch 1024 --repeats 5 --agreement-epochs 10 --out "$OUT"
 echo; echo "# done, status $status"
 exit $status

@@ -134,4 +134,3 @@ class DMMH(nn.Module):
         which = torch.rand(n, device=first.device) < 0.5  # True: drop image, False: drop text
         keep = {"image": ~(dropped & which), "text": ~(dropped & ~which)}
         return {m: t * keep[m].to(t.dtype)[:, None, None] for m, t in tokens.items()}
-
