@@ -308,6 +308,8 @@ def test_bad_sources_and_arguments_are_named(tmp_path, rng):
         PairsDataModule(transform=transform, tokenizer=tokenize)
     with pytest.raises(ValueError, match="with hf= the dataset holds the metadata"):
         PairsDataModule(hf=ds, metadata="m.jsonl")
+    with pytest.raises(ValueError, match="cache_dir= is not used with hf="):
+        PairsDataModule(hf=ds, cache_dir=str(tmp_path))
 
 
 class DecodeCounter:

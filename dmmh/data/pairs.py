@@ -466,6 +466,8 @@ class PairsDataModule(FeatureDataModule):
                              "dataset)")
         if hf is not None and metadata is not None:
             raise ValueError("metadata= names a metadata file of root=; with hf= the dataset holds the metadata")
+        if hf is not None and cache_dir is not None:
+            raise ValueError("cache_dir= is not used with hf=: datasets keeps its own cache (HF_DATASETS_CACHE)")
         hf = os.fspath(hf) if isinstance(hf, os.PathLike) else hf
         check_split_map(split_map)
         if labels not in LABEL_MODES:
