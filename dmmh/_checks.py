@@ -50,7 +50,7 @@ def check_codes(x: Tensor, what: str, nan: str = "error", packed_ok: bool = Fals
     if x.is_complex():
         raise TypeError(f"{what}: complex codes are not supported ({x.dtype})")
     if not x.is_floating_point():
-        packed = f", or packed uint8 (N, n_bits / 8)" if packed_ok else " (uint8 is read as packed codes elsewhere in dmmh)"
+        packed = ", or packed uint8 (N, n_bits / 8)" if packed_ok else " (uint8 is read as packed codes elsewhere in dmmh)"
         raise ValueError(
             f"{what}: integer codes ({x.dtype}) are ambiguous (0/1 bits or ±1 signs?); pass bool bits "
             f"(e.g. codes > 0) or ±1 floats (e.g. codes.float()){packed}"

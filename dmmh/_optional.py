@@ -30,7 +30,8 @@ def require(module: str, feature: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        extra, package = EXTRAS.get(module, (None, module))
+        top = module.split(".")[0]  # a submodule (safetensors.torch) needs its package's extra
+        extra, package = EXTRAS.get(module) or EXTRAS.get(top, (None, top))
         how = f"pip install 'dmmh[{extra}]'" if extra else f"pip install {package}"
         raise MissingDependencyError(f"{feature} needs the optional package {package!r}: {how} ({exc})") from exc
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm  # a dependency of lightning
 
 from dmmh._io import atomic_write, write_npz
 from dmmh.chunks import ChunkStore, ChunkStoreBusy
@@ -83,8 +84,8 @@ def extract_features(data: PairsDataModule, backbone, out: str | os.PathLike, ba
             warnings.warn(f"{parts}: finished chunks were computed with {_distinct(others)}, this run uses {settings}: "
                           f"the features will equal an uninterrupted run's within float rounding, not byte for byte",
                           stacklevel=2)
-        _compute(data, backbone.to(device).eval(), store, todo, batch_size, device, settings,
-                 _progress(progress, total=n, initial=n - sum(map(len, todo)), desc=f"extract {out.name}"))
+        bar = tqdm(disable=not progress, unit="item", total=n, initial=n - sum(map(len, todo)), desc=f"extract {out.name}")
+        _compute(data, backbone.to(device).eval(), store, todo, batch_size, device, settings, bar)
         features = store.read_all()
         labels = _dense_labels(data)
         arrays: dict[str, np.ndarray] = {}
@@ -205,19 +206,3 @@ def _write_safetensors(path: Path, arrays: dict[str, np.ndarray], metadata: dict
     require("safetensors", "writing .safetensors features")
     import safetensors.numpy as numpy_st
     atomic_write(path, lambda f: f.write(numpy_st.save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)))
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, **kw):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # a dependency of lightning
-
-    return tqdm(unit="item", **kw)

@@ -172,17 +172,17 @@ def run_cell(spec: dict, folder: Path, threads: int | None = None, env: dict | N
                              f"above): dmmh fit {' '.join(args)}") from None
         trainer, model, data = run.trainer, run.model, run.datamodule
         start = time.perf_counter()
-        trainer.fit(model, datamodule=data, ckpt_path=resume)
+        trainer.fit(model, datamodule=data, ckpt_path=resume, weights_only=True)
         fit_seconds = time.perf_counter() - start
         best = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
         best_path = best.best_model_path if best is not None and best.best_model_path else None
         start = time.perf_counter()
-        trainer.test(model, datamodule=data, ckpt_path=best_path, verbose=False)
+        trainer.test(model, datamodule=data, ckpt_path=best_path, verbose=False, weights_only=True)
         test_seconds = time.perf_counter() - start
         test_map = float(trainer.callback_metrics["test/mAP"])
     best_epoch = best_score = None
     if best_path:  # read from the checkpoint: a resumed run's callback does not reload the score
-        saved = torch.load(best_path, map_location="cpu", weights_only=False)
+        saved = torch.load(best_path, map_location="cpu", weights_only=True)
         best_epoch, best_score = saved["epoch"], saved.get("callbacks", {}).get(best.state_key, {}).get("best_model_score")
     h = model.hparams
     return {

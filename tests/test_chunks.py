@@ -242,7 +242,7 @@ def test_write_refuses_what_it_cannot_verify_later(tmp_path, rng):
         for value in (np.nan, np.inf, -np.inf):
             x = arrays["image"][3:6].copy()
             x[2, 1] = value
-            with pytest.raises(ValueError, match=rf"chunk 1 \(rows \[3, 6\)\): array 'image' has -?(nan|inf) at row 2, column 1; expected finite"):
+            with pytest.raises(ValueError, match=r"chunk 1 \(rows \[3, 6\)\): array 'image' has -?(nan|inf) at row 2, column 1; expected finite"):
                 store.write(range(3, 6), {**rows_of(arrays, range(3, 6)), "image": x})
         with pytest.raises(TypeError, match="dtype object"):
             store.write(range(0, 3), {"o": np.array([object()] * 3)})

@@ -3,6 +3,8 @@ normalisation matches numpy, the published-size checks, the cache, and ``dmmh fi
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def test_wrong_class_count_is_an_error_naming_the_dataset(tmp_path):
 
 
 def test_published_sizes_warn(tmp_path):
-    path = write_mat73(tmp_path / "coco_cnn_twt_2014.mat", make_arrays(np.random.default_rng(), 80))
+    write_mat73(tmp_path / "coco_cnn_twt_2014.mat", make_arrays(np.random.default_rng(), 80))
     with pytest.warns(UserWarning, match=r"database split .* published MS-COCO split has 82783 \(expected 82783, found 20\)"):
         MSCOCO(root=str(tmp_path)).splits
 
@@ -162,18 +164,136 @@ def test_cli_fit_with_the_mirflickr_config(tmp_path):
 
 def test_cache_written_concurrently_by_another_process_is_reused(tmp_path, monkeypatch):
     """Two DDP ranks can both find the cache missing; the one that loses the rename uses the winner's."""
-    import dmmh.data.benchmarks as benchmarks
-    from dmmh.data.readers import write_npy_folder
+    import dmmh.data.cache as cache_module
+    from dmmh.data.cache import write_npy_folder
 
     arrays = make_arrays(np.random.default_rng(), 24)
     path = write_mat73(tmp_path / "mir_cnn_twt.mat", arrays)
     cache = tmp_path / "cache"
 
-    def other_rank_first(arrs, folder):
-        write_npy_folder(arrs, folder)  # the other process finishes between our check and our write
-        return write_npy_folder(arrs, folder)
+    def other_rank_first(arrs, folder, meta):
+        write_npy_folder(arrs, folder, meta)  # the other process finishes between our check and our write
+        return write_npy_folder(arrs, folder, meta)
 
-    monkeypatch.setattr(benchmarks, "write_npy_folder", other_rank_first)
+    monkeypatch.setattr(cache_module, "write_npy_folder", other_rank_first)
     splits = _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
     np.testing.assert_array_equal(splits["query"].text, arrays["T_te"])
     assert len(list(cache.iterdir())) == 1
+
+
+# -- the cache: looked up before the source is read, verified on use ----------------------------
+def _opened_hdf5(monkeypatch) -> list[str]:
+    """Record every HDF5 file opened from now on."""
+    import h5py
+
+    opened, real = [], h5py.File.__init__
+
+    def spy(self, name, *args, **kwargs):
+        if isinstance(name, (str, os.PathLike)):  # not File(id) of an open file
+            opened.append(str(name))
+        real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.File, "__init__", spy)
+    return opened
+
+
+def _cached_files(cache: Path) -> list[Path]:
+    (folder,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    return sorted(folder.glob("*.npy"))
+
+
+def test_cache_hit_does_not_read_the_compressed_source(tmp_path, rng, monkeypatch):
+    arrays = make_arrays(rng, 24)
+    path = write("mat73_gzip", tmp_path, arrays)
+    cache = tmp_path / "cache"
+    opened = _opened_hdf5(monkeypatch)
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
+    assert opened == [str(path)]  # a miss reads the source once
+    opened.clear()
+    dm = MIRFlickr25K(root=str(path), cache_dir=str(cache))
+    splits = _quiet(dm)
+    assert opened == []  # a hit never opens it
+    assert dm.source.format == f"npy cache of mat-v7.3 {path}"
+    for split, keys in KEYS.items():
+        for part, key in zip(("image", "text", "label"), keys):
+            np.testing.assert_array_equal(np.asarray(getattr(splits[split], part)), arrays[key], err_msg=key)
+
+
+@pytest.mark.parametrize("damage", ["edited", "truncated", "missing", "manifest"])
+def test_damaged_cache_is_rebuilt_with_a_warning_naming_the_file(tmp_path, rng, damage):
+    arrays = make_arrays(rng, 24)
+    path = write("mat5", tmp_path, arrays)
+    cache = tmp_path / "cache"
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
+    target = [p for p in _cached_files(cache) if p.name == "I_db.npy"][0]
+    raw = target.read_bytes()
+    if damage == "edited":  # one value changed, size the same: only the checksum can tell
+        target.write_bytes(raw[:-4] + np.float32(123.0).tobytes())
+    elif damage == "truncated":
+        target.write_bytes(raw[:-4])
+    elif damage == "missing":
+        target.unlink()
+    else:
+        (target.parent / "manifest.json").write_text("{not json")
+    needle = {"edited": "I_db.npy does not match the SHA-256", "truncated": r"I_db.npy has \d+ bytes, expected \d+",
+              "missing": "I_db.npy is missing", "manifest": "no readable manifest.json"}[damage]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*published")  # the tiny file's split sizes
+        with pytest.warns(UserWarning, match=needle + ".*rebuilding it from " + re.escape(str(path))):
+            splits = MIRFlickr25K(root=str(path), cache_dir=str(cache)).splits
+    np.testing.assert_array_equal(np.asarray(splits["database"].image), arrays["I_db"])
+    assert len(list(cache.iterdir())) == 1  # the damaged copy is gone
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*rebuilding")  # the rebuilt copy verifies
+        _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
+
+
+def test_changed_source_gets_a_new_cache_even_with_the_same_size_and_time(tmp_path, rng):
+    arrays = make_arrays(rng, 24)
+    path = tmp_path / "mir.npz"
+    np.savez(path, **arrays)
+    cache = tmp_path / "cache"
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
+    st = path.stat()
+    changed = dict(arrays, I_te=arrays["I_te"] + 1)
+    np.savez(path, **changed)  # uncompressed: same size
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    splits = _quiet(MIRFlickr25K(root=str(path), cache_dir=str(cache)))
+    np.testing.assert_array_equal(np.asarray(splits["query"].image), changed["I_te"])
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_verified_cache_skips_the_value_scan_made_when_it_was_written(tmp_path, rng, monkeypatch):
+    import dmmh.data.readers as readers
+
+    path = write("npz", tmp_path, make_arrays(rng, 24))
+    scanned = []
+    real = readers._scan_values
+    monkeypatch.setattr(readers, "_scan_values", lambda where, key, a, labels: scanned.append(where) or real(where, key, a, labels))
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(tmp_path / "c")))
+    assert len(scanned) == 9 and all("(npz)" in w for w in scanned)  # the source, before it is cached
+    scanned.clear()
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(tmp_path / "c")))
+    assert scanned == []
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(tmp_path / "c2"), check_values=False))
+    _quiet(MIRFlickr25K(root=str(path), cache_dir=str(tmp_path / "c2")))  # a cache made without the scan is scanned on use
+    assert len(scanned) == 9 and all("npy cache" in w for w in scanned)
+
+
+def test_allow_external_and_empty_train_split_through_the_datamodule(tmp_path, rng):
+    import h5py
+
+    arrays = make_arrays(rng, 24)
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.ascontiguousarray(arrays["I_tr"].T)
+    path = write_mat73(tmp_path / "mir_cnn_twt.mat", {k: a for k, a in arrays.items() if k != "I_tr"})
+    with h5py.File(path, "r+") as f:
+        f["I_tr"] = h5py.ExternalLink("other.h5", "/x")
+    with pytest.raises(ValueError, match=r"key 'I_tr' is an external link to other\.h5:/x.*allow_external=True"):
+        _quiet(MIRFlickr25K(root=str(path)))
+    splits = _quiet(MIRFlickr25K(root=str(path), allow_external=True))
+    np.testing.assert_array_equal(np.asarray(splits["train"].image), arrays["I_tr"])
+    empty = write("npz", tmp_path, {k: a[:0] if k.endswith("_tr") else a for k, a in arrays.items()})
+    with pytest.raises(ValueError, match=re.escape(str(empty)) + r".*train split .* is empty"):
+        _quiet(MIRFlickr25K(root=str(empty)))

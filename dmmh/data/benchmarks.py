@@ -8,14 +8,15 @@ it. Published split sizes (DESIGN.md §2) are checked with a warning, the class 
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 from typing import ClassVar, Literal, Union
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from dmmh.data.base import VAL_SPLIT, FeatureDataModule, Split
 from dmmh.data.normalize import normalize_splits
-from dmmh.data.readers import SPLIT_KEYS, FeatureFile, find_feature_file, read_feature_file, validate_feature_file, write_npy_folder
+from dmmh.data.cache import cached_feature_file
+from dmmh.data.readers import SPLIT_KEYS, FeatureFile, find_feature_file, read_feature_file, validate_feature_file
 from dmmh.registry import DATAMODULES
 
 __all__ = ["BenchmarkDataModule", "MIRFlickr25K", "NUSWIDE", "MSCOCO"]
@@ -29,10 +30,14 @@ class BenchmarkDataModule(FeatureDataModule):
         normalize: ``"none"``, ``"l2"``, ``"zscore"`` or ``"minmax"`` (fitted on the train split),
             or a dict ``{"image": ..., "text": ...}``.
         mmap: memory-map the arrays where the format allows (MATLAB v7.3 contiguous datasets,
-            ``.npy`` folders, safetensors).
-        cache_dir: if set, formats that cannot be memory-mapped (or are column-major) are first
-            written once as a row-major ``.npy`` folder under ``cache_dir`` and memory-mapped from there.
-        check_values: scan every array for NaN/inf and non-0/1 labels on load.
+            ``.npy`` folders; safetensors rows are read on demand).
+        cache_dir: if set, a feature file (any format but an ``.npy`` folder) is read through a
+            verified row-major ``.npy`` copy under ``cache_dir``, looked up before the source is
+            read and written on first use (:func:`~dmmh.data.cache.cached_feature_file`).
+        check_values: scan every array for NaN/inf and non-0/1 labels on load (a verified cache
+            made from a scanned source is not scanned again).
+        allow_external: read HDF5 datasets whose bytes live outside the file (external links,
+            external raw storage, virtual datasets); refused by default.
         batch_size, eval_batch_size, num_workers, seed, val_split, val_seed: see
             :class:`~dmmh.data.base.FeatureDataModule` (by default 10 % of the training items are
             held out as validation queries).
@@ -50,6 +55,7 @@ class BenchmarkDataModule(FeatureDataModule):
         mmap: bool = True,
         cache_dir: str | None = None,
         check_values: bool = True,
+        allow_external: bool = False,
         batch_size: int = 1024,
         eval_batch_size: int = 1024,
         num_workers: int = 0,
@@ -60,31 +66,28 @@ class BenchmarkDataModule(FeatureDataModule):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
                          val_split=val_split, val_seed=val_seed)
         self.root, self.normalize, self.mmap = root, normalize, bool(mmap)
-        self.cache_dir, self.check_values = cache_dir, bool(check_values)
+        self.cache_dir, self.check_values, self.allow_external = cache_dir, bool(check_values), bool(allow_external)
         self.source: FeatureFile | None = None
         self.save_hyperparameters()
+
+    def _validate(self, ff: FeatureFile, check_values: bool, warn_sizes: bool = True) -> FeatureFile:
+        sizes = self.published_sizes if warn_sizes else None
+        validate_feature_file(ff, self.classes, sizes, self.display_name, check_values)
+        return ff
 
     def read(self) -> FeatureFile:
         """Locate, read and validate the feature file (through the cache when ``cache_dir`` is set)."""
         path = find_feature_file(self.root, self.file_patterns)
-        ff = read_feature_file(path, mmap=self.mmap)
-        validate_feature_file(ff, self.classes, self.published_sizes, self.display_name, self.check_values)
-        if self.cache_dir is not None and (len(ff.mmapped) < len(ff.arrays) or _column_major(ff)):
-            ff = self._cached(ff)
-        return ff
-
-    def _cached(self, ff: FeatureFile) -> FeatureFile:
-        st = ff.path.stat()
-        folder = Path(self.cache_dir).expanduser() / f"{ff.path.name}-{st.st_size}-{st.st_mtime_ns}"
-        if not folder.is_dir():
-            try:
-                write_npy_folder({k: ff.arrays[k] for keys in SPLIT_KEYS.values() for k in keys}, folder)
-            except OSError:
-                if not folder.is_dir():  # else another process (e.g. a DDP rank) wrote it first: use theirs
-                    raise
-        cached = read_feature_file(folder, mmap=True)
-        cached.format = f"npy cache of {ff.format} file {ff.path}"
-        return cached
+        read = partial(read_feature_file, path, mmap=self.mmap, allow_external=self.allow_external)
+        if self.cache_dir is None or path.is_dir():
+            return self._validate(read(), self.check_values)
+        # a miss validates the source before caching it; the copy is validated again (without the
+        # value scan if the source had it: the manifest's digests prove the bytes are unchanged)
+        ff, manifest = cached_feature_file(
+            path, self.cache_dir, lambda: self._validate(read(), self.check_values, warn_sizes=False),
+            {"values_checked": self.check_values},
+        )
+        return self._validate(ff, self.check_values and not manifest.get("values_checked", False))
 
     def load_splits(self) -> dict[str, Split]:
         ff = self.read()
@@ -92,11 +95,6 @@ class BenchmarkDataModule(FeatureDataModule):
         rank_zero_info(f"{self.display_name}: read {ff.describe()}")
         splits = {name: Split(*(ff.arrays[k] for k in keys)) for name, keys in SPLIT_KEYS.items()}
         return normalize_splits(splits, self.normalize)
-
-
-def _column_major(ff: FeatureFile) -> bool:
-    """Whether some memory-mapped array is a transposed (column-major) view: rows are strided."""
-    return any(not ff.arrays[k].flags.c_contiguous for k in ff.mmapped)
 
 
 @DATAMODULES.register("mirflickr", aliases=("mirflickr25k", "mir", "flickr25k", "mir-flickr25k"))

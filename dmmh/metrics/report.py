@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dmmh._arrayfiles import ArrayHeader, FileFormatError, NpzArrays, SafetensorsArrays, read_arrays, reading
 from dmmh._io import atomic_write
 from dmmh._optional import require
-from dmmh.metrics.functional import EMPTY_POLICIES, NORMALIZERS, retrieval_metrics
+from dmmh.metrics.functional import retrieval_metrics
 
 __all__ = ["evaluate", "write_report", "load_codes", "save_codes", "encode_checkpoint", "CODE_KEYS", "CURVE_KS"]
 
@@ -104,23 +105,67 @@ def write_report(runs: dict[str, dict], out_dir: str | os.PathLike, plots: bool 
 
 
 def load_codes(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read :data:`CODE_KEYS` from a ``.npz``, ``.pt`` or ``.safetensors`` file."""
+    """Read :data:`CODE_KEYS` from a ``.npz``, ``.pt`` or ``.safetensors`` file: 2-D numeric
+    arrays, codes and labels of a side with equal rows, labels of equal width. Headers are checked
+    before data is read; errors (:class:`~dmmh._arrayfiles.FileFormatError`) name the file and key."""
     path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            data = {k: torch.from_numpy(z[k]) for k in z.files}
-    elif path.suffix in (".pt", ".pth"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    elif path.suffix == ".safetensors":
-        data = require("safetensors.torch", "reading .safetensors codes").load_file(str(path))
+    where = str(path)
+    if path.suffix in (".pt", ".pth"):
+        with reading(where):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict):
+            raise FileFormatError(f"{where}: expected a dict of tensors with keys {CODE_KEYS}, got {type(data).__name__}")
+        for k in CODE_KEYS:
+            if k in data and not isinstance(data[k], Tensor):
+                raise FileFormatError(f"{where}: key {k!r} is a {type(data[k]).__name__}; expected a tensor")
+        _check_codes(where, {k: _torch_header(data[k]) for k in CODE_KEYS if k in data}, data)
+        return {k: data[k] for k in CODE_KEYS}
+    if path.suffix == ".safetensors":
+        require("safetensors", "reading .safetensors codes")
+        open_source = SafetensorsArrays
+    elif path.suffix == ".npz":
+        open_source = NpzArrays
     else:
         raise ValueError(f"{path}: unknown codes file type {path.suffix!r} (use .npz, .pt or .safetensors)")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of arrays with keys {CODE_KEYS}, got {type(data).__name__}")
-    missing = [k for k in CODE_KEYS if k not in data]
+    with reading(where):
+        source = open_source(path)
+        try:
+            arrays = read_arrays(source, CODE_KEYS, lambda h: _check_codes(where, h, source.names), where=where)
+        finally:
+            getattr(source, "close", lambda: None)()
+    return {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in CODE_KEYS}
+
+
+def _torch_header(t: Tensor) -> ArrayHeader:
+    """A stand-in header (shape and dtype kind) of a tensor, whose dtype numpy may lack (bf16)."""
+    kind = np.bool_ if t.dtype == torch.bool else np.float32 if t.is_floating_point() else np.complex64 if t.is_complex() else np.int64
+    return ArrayHeader(tuple(t.shape), np.dtype(kind))
+
+
+def _check_codes(where: str, headers: dict[str, ArrayHeader], found) -> None:
+    missing = [k for k in CODE_KEYS if k not in headers]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(data)}")
-    return {k: torch.as_tensor(data[k]) for k in CODE_KEYS}
+        raise FileFormatError(f"{where}: missing key(s) {missing}; found {sorted(found)}")
+    for k, h in headers.items():
+        if len(h.shape) != 2:
+            raise FileFormatError(f"{where}: key {k!r} has shape {h.shape}; expected 2-D (items, bits or classes)")
+        if h.dtype.kind not in "biuf":
+            raise FileFormatError(
+                f"{where}: key {k!r} has dtype {h.dtype}; expected numbers (codes: bool bits, ±1 floats or packed "
+                f"uint8; labels: multi-hot 0/1)"
+            )
+    for side in ("query", "database"):
+        codes, labels = headers[f"{side}_codes"], headers[f"{side}_labels"]
+        if codes.shape[0] != labels.shape[0]:
+            raise FileFormatError(
+                f"{where}: key '{side}_codes' has {codes.shape[0]} rows but '{side}_labels' has {labels.shape[0]}; "
+                f"expected one row per {side} item in both"
+            )
+    if headers["query_labels"].shape[1] != headers["database_labels"].shape[1]:
+        raise FileFormatError(
+            f"{where}: key 'query_labels' has {headers['query_labels'].shape[1]} classes but 'database_labels' has "
+            f"{headers['database_labels'].shape[1]}; expected the same classes"
+        )
 
 
 @torch.no_grad()

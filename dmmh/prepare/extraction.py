@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm  # a dependency of lightning
 
 from dmmh.prepare._raw import RawReleaseError
 from dmmh.prepare.features import ImageFeatures
@@ -118,8 +119,8 @@ def extract_image_features(paths: Sequence[Path], features: ImageFeatures, parts
                             num_workers=num_workers)
         batches = iter(loader)
         info = {"batch_size": batch_size, "device": str(fabric.device), "world_size": world}
-        bar = _progress(progress and rank == 0, total=n, initial=n - sum(len(r) for r in pending),
-                        desc=f"{features.name} features")
+        bar = tqdm(disable=not (progress and rank == 0), unit="image", total=n, initial=n - sum(len(r) for r in pending),
+                   desc=f"{features.name} features")
         try:
             for k in range(math.ceil(len(pending) / world)):
                 feats = torch.zeros(chunk_size, features.dim, device=fabric.device)
@@ -141,22 +142,6 @@ def extract_image_features(paths: Sequence[Path], features: ImageFeatures, parts
             bar.close()
         fabric.barrier()
         return (store.read_all()["image"], store) if rank == 0 else (None, None)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, **kw):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # a dependency of lightning
-
-    return tqdm(unit="image", **kw)
 
 
 def image_list_record(raw: Path, images: Sequence[str]) -> str:
