@@ -16,8 +16,13 @@ not byte for byte. Each chunk records the settings it was computed with; the out
 
 The output and the chunk folder record the backbone's fingerprint (architecture, transform and
 the bytes of every weight, not the checkpoint's path) and the data's (image paths relative to
-``root``, file sizes, captions, labels, splits); extraction refuses to mix features of another
-backbone or data set into either.
+``root`` and file sizes, captions, labels, splits); extraction refuses to mix features of another
+backbone or data set into either. An image stored in a Hugging Face dataset counts by the
+SHA-256 of its bytes, not by the dataset's ``_fingerprint``: that one changes with how the same
+data was loaded (``load_dataset(folder)`` and ``load_dataset("imagefolder", data_dir=folder)``
+differ, and so do runs after a transform ``datasets`` cannot hash), so a resumed or repeated
+extraction would refuse its own chunks; the content hash is the same for the same items however
+they arrive, at the cost of reading their bytes once more (less than decoding them for the backbone).
 
 Command line (:mod:`dmmh.commands.extract`): ``dmmh extract --root IMAGES --out feats.npz --model ViT-B-32 --pretrained ckpt.pt``.
 """
@@ -168,11 +173,18 @@ def _check_same(found: dict[str, Any], want: dict[str, Any], where: str) -> None
 
 
 def _data_fingerprint(data: PairsDataModule) -> str:
-    """Image paths relative to ``root`` (however ``root`` was typed), file sizes, captions, labels, splits."""
+    """Each image's identity, its caption, the labels, the splits. An image file is its path
+    relative to the table's root (however ``root`` was typed) and its size; an image stored in an
+    HF dataset is the SHA-256 of its bytes."""
     t = data.table
     h = hashlib.sha256()
-    for path, caption in zip(t.paths, t.captions):
-        h.update(json.dumps([os.path.relpath(path, data.root), os.path.getsize(path), caption]).encode())
+    for i, (path, caption) in enumerate(zip(t.paths, t.captions)):
+        content = None if t.image_bytes is None else t.image_bytes(t.rows[i])
+        if content is None:
+            name = os.path.abspath(path) if t.root is None else os.path.relpath(path, t.root)
+            h.update(json.dumps([name, os.path.getsize(path), caption]).encode())
+        else:
+            h.update(json.dumps([hashlib.sha256(content).hexdigest(), caption]).encode())
     h.update(np.ascontiguousarray(data.label_array).tobytes())
     for split in ("train", "database", "query"):
         h.update(split.encode() + np.asarray(data.splits[split], dtype=np.int64).tobytes())

@@ -5,7 +5,7 @@ build the same DataModule again to fetch an item by id. It is named three ways: 
 image–caption pairs (``metadata.jsonl`` / ``.csv``: the ``pairs`` DataModule), a registered
 DataModule name (``dmmh.list_datamodules()``), or a class path ``pkg.module.Class``, with a dict
 of init args (``dmmh encode`` parses them as ``dmmh fit`` does: ``-c CONFIG``, ``--data.ARG``).
-Relative ``root`` / ``metadata`` / ``cache_dir`` paths are made absolute, so the record works
+Relative ``root`` / ``metadata`` / ``cache_dir`` / ``hf`` paths are made absolute, so the record works
 from any working directory.
 """
 
@@ -21,7 +21,7 @@ from dmmh.data.pairs import PairsDataModule
 
 __all__ = ["Collection", "item_descriptions"]
 
-PATH_ARGS = ("root", "metadata", "cache_dir")
+PATH_ARGS = ("root", "metadata", "cache_dir", "hf")
 
 
 def _class_path(cls: type) -> str:
