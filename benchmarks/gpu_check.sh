@@ -4,7 +4,7 @@
 # Before the run, on the CPU machine:
 #   mkdir -p .gpu && cp ../shared/device/*.whl .gpu/ && echo /.gpu/ >> .git/info/exclude
 #   .venv/bin/pip download -q -d .gpu pytest pluggy iniconfig packaging jsonargparse docstring-parser typeshed-client
-# then:  run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540)
+# then:  run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=560)
 # Everything it prints is also written under $OUT; commit $OUT/*.txt to benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +40,13 @@ PYEOF
 status=0
 step() { echo; echo "## $*"; "$@" || { echo "!! failed ($?): $*"; status=1; }; }
 
-step $PY -m pytest -q -p no:cacheprovider -m cuda tests
-step timeout 150 $PY benchmarks/bench_selective_scan.py --device cuda --repeats 10
-step timeout 120 $PY benchmarks/bench_pack.py --device cuda --out "$OUT"
-step timeout 150 $PY benchmarks/bench_knn.py --device cuda --out "$OUT"
-step timeout 60 $PY benchmarks/bench_map.py --device cuda --repeats 3 --baseline-queries 200
-step timeout 150 $PY benchmarks/bench_model.py --device cuda --batch 4096 --train-batch 1024 --repeats 5 --agreement-epochs 10 --out "$OUT"
+export PYTHONUNBUFFERED=1
+# each step's limit keeps the whole run inside one call of about 9 minutes (the session has 15)
+step timeout 180 $PY -m pytest -q -p no:cacheprovider -m cuda tests
+step timeout 120 $PY benchmarks/bench_model.py --device cuda --batch 4096 --train-batch 1024 --repeats 5 --agreement-epochs 5 --out "$OUT"
+step timeout 60 $PY benchmarks/bench_selective_scan.py --device cuda --repeats 10 --out "$OUT"
+step timeout 60 $PY benchmarks/bench_pack.py --device cuda --out "$OUT"
+step timeout 60 $PY benchmarks/bench_knn.py --device cuda --out "$OUT"
+step timeout 45 $PY benchmarks/bench_map.py --device cuda --repeats 3 --baseline-queries 200
 echo; echo "# done, status $status"
 exit $status
