@@ -1,6 +1,7 @@
 """Selective scan: every backend against the per-step loop and an independent numpy recurrence."""
 
 import itertools
+import os
 import warnings
 
 import numpy as np
@@ -293,6 +294,28 @@ def test_kernel_build_is_cached_per_source_flags_and_cpu(tmp_path):
     assert "building" not in run.stderr and "dmmh.selective_scan_fwd" in run.stdout
     flags = _cpp._flags()
     assert _cpp._name(flags) != _cpp._name(flags + ["-DOTHER"]) and _cpp._name(flags).startswith("dmmh_cpu_")
+
+
+def test_kernel_build_clears_a_killed_builds_lock(tmp_path, monkeypatch):
+    """Torch < 2.13 waits while its builder's "lock" file exists (found on the GPU machine: a build killed
+    by a timeout hung every later one). dmmh's own lock must not be that file, and a stale one is removed."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / _cpp._name(_cpp._flags())
+    build.mkdir()
+    (build / "lock").touch()  # left by a killed build
+    seen = []
+
+    def fake_load(name, sources, build_directory, **kw):  # torch's FileBaton would wait forever on an existing file
+        seen.append(os.path.exists(os.path.join(build_directory, "lock")))
+        raise OSError("stop before compiling")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    ops, error = _cpp._load.__wrapped__()
+    assert ops is None and "stop before compiling" in str(error) and seen == [False]
+    ops, error = _cpp._load.__wrapped__()  # dmmh's own lock, left behind, does not block torch either
+    assert seen == [False, False]
 
 
 def test_cpu_backend_rejects_other_devices_and_bad_layouts():

@@ -84,14 +84,18 @@ def _load():
         build = root / name
         build.mkdir(parents=True, exist_ok=True)
         library = build / f"{name}.so"
-        with FileLock(str(build / "lock")):  # the lock torch's builder holds while it compiles
-            ready = library.exists()
-        if ready:
-            torch.ops.load_library(str(library))
-        else:
-            log.warning("building dmmh's C++ kernels in %s (once per machine; about a minute)", build)
-            cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                               build_directory=str(build), is_python_module=False)
+        # dmmh's processes build one at a time under their own OS lock (released when its holder dies).
+        # Torch's builder takes "lock" in the same folder: before torch 2.13 a file whose mere existence
+        # blocks (FileBaton), so a build killed midway, or another lock on that path, would make every
+        # later build wait forever. While this lock is held no dmmh build runs: such a file is stale.
+        with FileLock(str(build / "dmmh-build.lock")):
+            if library.exists():
+                torch.ops.load_library(str(library))
+            else:
+                (build / "lock").unlink(missing_ok=True)
+                log.warning("building dmmh's C++ kernels in %s (once per machine; about a minute)", build)
+                cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                   build_directory=str(build), is_python_module=False)
         return torch.ops.dmmh, None
     except Exception as exc:  # noqa: BLE001 - any failure (no compiler, no ninja, bad flags) means "not available"
         error = KernelUnavailable(f"dmmh's C++ kernels are unavailable: {type(exc).__name__}: {str(exc)[-2000:]}")
