@@ -23,3 +23,25 @@ def test_demo_is_seeded():
     b = run_demo([16], epochs=1, seed=3)
     assert (a[0].dmmh, a[0].pca_itq, a[0].lsh) == (b[0].dmmh, b[0].pca_itq, b[0].lsh)
     assert "16 |" in format_table(a, 1, DEMO_MODEL, 1.0)
+
+
+def test_make_demo_installs_only_the_core_and_make_test_adds_the_extras(tmp_path):
+    """``make demo`` on a fresh clone installs dmmh with its core dependencies only (no test/docs extras,
+    no torchvision); ``make test`` adds them (read from ``make -n``: what it would run, nothing run)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        import pytest
+
+        pytest.skip("no make on this machine")
+    root = Path(__file__).resolve().parent.parent
+    venv = tmp_path / ".venv"  # absent: make plans the whole environment
+    plan = lambda target: subprocess.run(["make", "-n", "-C", str(root), target, f"VENV={venv}"],  # noqa: E731
+                                         capture_output=True, text=True, check=True).stdout
+    demo, test = plan("demo"), plan("test")
+    installs = [line for line in demo.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert len(installs) == 1 and installs[0].endswith("-e .") and "torchvision" not in demo and "[" not in installs[0]
+    assert "-m dmmh.demo" in demo
+    assert '-e ".[test,docs]"' in test and "torchvision" in test and "-m pytest" in test
