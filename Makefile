@@ -31,7 +31,7 @@ test: $(DEV)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(CORE)
-	@echo ">> training DMMH on the UCI digits embedded in dmmh, at 16/32/64 bits (about 1.5 min on 2 CPU cores)"
+	@echo ">> training DMMH on the UCI digits embedded in dmmh, at 16/32/64 bits (about 30 s on 2 CPU cores)"
 	$(PY) -m dmmh.demo
 
 docs: $(DEV)
