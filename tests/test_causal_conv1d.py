@@ -36,7 +36,8 @@ def test_reference_equals_loop(silu):
     np.testing.assert_allclose(got.numpy(), loop_conv(x, w, bias, silu), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("b,d,l,K", [(2, 5, 7, 4), (3, 40, 33, 3), (2, 20, 3, 4), (1, 17, 1, 1), (1, 16, 9, 6)])
+@pytest.mark.parametrize("b,d,l,K", [(2, 5, 7, 4), (3, 40, 33, 3), (2, 20, 3, 4), (1, 17, 1, 1), (1, 16, 9, 6),
+                                     (2, 24, 150, 4), (1, 1, 5, 4)])  # 150 steps: tasks of 64 steps
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

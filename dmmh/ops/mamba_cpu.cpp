@@ -661,25 +661,30 @@ LANE_FN void conv_pre(const Conv<T>& P, const T* __restrict__ wl, const T* __res
   for (int64_t k = 0; k < P.K; ++k) FOR_LANES(i) pre[i] += wl[k * W + i] * xw[k * W + i];
 }
 
+// Step by step along each item: a step's output row is bias + sum_k w_k * (input row t-K+1+k), each a loop
+// over the contiguous channels (SIMD), the rows in cache; taps before the first step are skipped (zeros).
 template <typename T>
 void conv_forward(const Conv<T>& P, Seq<T> out) {
-  constexpr int W = kLanes<T>;
-  const auto blocks = group_blocks<T>(0, P.d);
-  const int64_t nb = static_cast<int64_t>(blocks.size());
-  parallel_tasks(P.b * nb, grain<T>(P.l * P.K * W), [&](int64_t begin, int64_t end) {
-    std::vector<T> wl(P.K * W), xw(P.K * W);
-    T bl[W], pre[W];
+  const int64_t d = P.d, K = P.K;
+  std::vector<T> wt(K * d), bz(d, T(0));  // weights tap-major: wt[k * d + c]
+  for (int64_t c = 0; c < d; ++c) {
+    for (int64_t k = 0; k < K; ++k) wt[k * d + c] = P.w[c * P.swd + k * P.swk];
+    if (P.bias) bz[c] = P.bias[c];
+  }
+  const int64_t per_item = (P.l + kChunk - 1) / kChunk;  // tasks: kChunk steps of one item
+  parallel_tasks(P.b * per_item, grain<T>(kChunk * K * d), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nb;
-      const Block<T>& blk = blocks[task % nb];
-      conv_lanes(P, blk, wl.data(), bl);
-      std::fill(xw.begin(), xw.end(), T(0));
-      for (int64_t t = 0; t < P.l; ++t) {
-        std::copy(xw.begin() + W, xw.end(), xw.begin());  // slide the window by one step
-        load(&xw[(P.K - 1) * W], P.x.at(b, blk.c0, t), blk.w);
-        conv_pre(P, wl.data(), bl, xw.data(), pre);
-        if (P.silu) FOR_LANES(i) pre[i] *= sigmoid(pre[i]);
-        store(out.at(b, blk.c0, t), pre, blk.w);
+      const int64_t b = task / per_item, t0 = task % per_item * kChunk, t1 = std::min(P.l, t0 + kChunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        T* __restrict__ o = out.at(b, 0, t);
+        const T* __restrict__ bias = bz.data();
+        _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) o[c] = bias[c];
+        for (int64_t k = std::max<int64_t>(0, K - 1 - t); k < K; ++k) {
+          const T* __restrict__ xk = P.x.at(b, 0, t - K + 1 + k);
+          const T* __restrict__ wk = wt.data() + k * d;
+          _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) o[c] += wk[c] * xk[c];
+        }
+        if (P.silu) _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) o[c] *= sigmoid(o[c]);
       }
     }
   });
