@@ -153,3 +153,22 @@ def test_aggregate_mean_and_sample_std(rng):
     assert mean_std([0.25]) == (0.25, 0.0)
     assert PUBLISHED["bits"] == (16, 32, 64, 128)
     assert {(m, d): v for m, per in PUBLISHED["methods"].items() for d, v in per.items()} == ISSUE_NUMBERS
+
+
+def test_a_cell_resumes_its_last_checkpoint_weights_only_even_under_torch_force_no_weights_only(tmp_path, rng, monkeypatch):
+    """A cell's ``last.ckpt`` (left by a killed run) is loaded with weights_only=True: with the variable
+    that turns torch's default off, a checkpoint carrying code is refused and its code does not run."""
+    import pickle
+
+    from test_trust import planted_checkpoint
+
+    from dmmh.table import run_cell
+
+    files = _files(tmp_path, rng)
+    folder = tmp_path / "cell"
+    _, marker = planted_checkpoint(folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    spec = cell_spec(Cell("mirflickr", 16, "mlp", 0), str(files["mirflickr"]), ["trainer.max_epochs=1"])
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        run_cell(spec, folder, threads=1)
+    assert not marker.exists()
