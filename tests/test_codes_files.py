@@ -136,3 +136,20 @@ def test_missing_safetensors_names_the_dmmh_extra(tmp_path, rng):
     assert len(lines) == 2
     for line in lines:
         assert "optional package 'safetensors': pip install 'dmmh[data]'" in line, line
+
+
+def test_report_command_names_a_truncated_or_text_labelled_codes_file(tmp_path, rng):
+    """``dmmh report --codes``: the reader's errors reach the user with the file's name, before any output."""
+    from dmmh.cli import main as dmmh_main
+
+    good = tmp_path / "good.npz"
+    codes = _codes(rng)
+    np.savez(good, **codes)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "text.npz"
+    np.savez(text, **{**codes, "query_labels": np.array([["a", "b"]] * len(codes["query_labels"]))})
+    for path, what in ((cut, "could not be read"), (text, "query_labels")):
+        with pytest.raises(FileFormatError, match=re.escape(str(path)) + ".*" + what):
+            dmmh_main(["report", "--codes", str(path), "--out", str(tmp_path / "r"), "--no-plots", "--no-progress"])
+        assert not (tmp_path / "r").exists()
