@@ -360,3 +360,18 @@ def test_cuda_path_equals_mamba_ssm_kernel_and_reference(bc):
         assert rel_err(out, res["ref"][0]) <= RTOL and rel_err(last, res["ref"][1]) <= RTOL
         for a, r in zip(grads, res["ref"][2]):
             assert rel_err(a, r) <= RTOL, name
+
+
+def test_kernel_build_finds_the_ninja_package_when_path_has_none(tmp_path, monkeypatch):
+    """Torch's builder needs ``ninja`` on PATH; a non-activated virtual environment has the package's
+    binary off PATH: it is put on PATH, and found there."""
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing on it
+    assert shutil.which("ninja") is None
+    _cpp._ninja_on_path()
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+    before = os.environ["PATH"]
+    _cpp._ninja_on_path()  # once found, PATH is left as it is
+    assert os.environ["PATH"] == before

@@ -78,6 +78,7 @@ def _load():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" notices
         from torch.utils import cpp_extension
 
+        _ninja_on_path()
         flags = _flags()
         name = _name(flags)
         root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
@@ -101,6 +102,20 @@ def _load():
         error = KernelUnavailable(f"dmmh's C++ kernels are unavailable: {type(exc).__name__}: {str(exc)[-2000:]}")
         error.__cause__ = exc
         return None, error
+
+
+def _ninja_on_path() -> None:
+    """Torch's builder runs ``ninja`` from ``PATH``; when ``PATH`` has none (a virtual environment that is not
+    activated), the ``ninja`` package's own binary is put first on this process's ``PATH``."""
+    import shutil
+
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 # Outputs that were not asked for (the last state, saved states, gradients of absent inputs) are empty
