@@ -1,5 +1,7 @@
 """Encoders, fusion, heads and losses against references written here."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,14 @@ def test_encoder_rejects_wrong_width_and_nan():
         enc(x)
     with pytest.raises(ValueError, match="expected shape"):
         enc(torch.randn(3, 2, 10))
+    for value, index in ((float("inf"), (0, 9)), (float("-inf"), (2, 0))):
+        y = torch.randn(3, 10)
+        y[index] = value
+        with pytest.raises(ValueError, match=re.escape(f"NaN or inf (first at index {index})")):
+            enc(y)
+    # finite values whose sum overflows float32 (the check's fast path) and half precision are accepted
+    big = torch.full((3, 10), 3e38)
+    assert torch.isinf(big.sum()) and enc(big).shape == (3, 2, 8)
 
 
 def test_additive_fusion_is_sum():
