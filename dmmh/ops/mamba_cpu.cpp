@@ -221,7 +221,12 @@ inline void load(T* __restrict__ dst, const T* src, int w) {
 
 template <typename T>
 inline void store(T* dst, const T* __restrict__ src, int w) {
-  for (int i = 0; i < w; ++i) dst[i] = src[i];
+  constexpr int W = kLanes<T>;
+  if (w == W) {
+    FOR_LANES(i) dst[i] = src[i];
+  } else {
+    for (int i = 0; i < w; ++i) dst[i] = src[i];
+  }
 }
 
 template <typename T>
