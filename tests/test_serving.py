@@ -8,9 +8,7 @@ its own caption and by its own image.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import warnings
 from pathlib import Path
 
 import lightning as L
