@@ -316,6 +316,10 @@ def test_kernel_build_clears_a_killed_builds_lock(tmp_path, monkeypatch):
     assert ops is None and "stop before compiling" in str(error) and seen == [False]
     ops, error = _cpp._load.__wrapped__()  # dmmh's own lock, left behind, does not block torch either
     assert seen == [False, False]
+    library = build / f"{build.name}.so"
+    library.write_bytes(b"half a library")  # a build killed while linking
+    ops, error = _cpp._load.__wrapped__()
+    assert seen == [False, False, False] and not library.exists()  # removed and built again
 
 
 def test_cpu_backend_rejects_other_devices_and_bad_layouts():

@@ -91,12 +91,15 @@ def _load():
         # later build wait forever. While this lock is held no dmmh build runs: such a file is stale.
         with FileLock(str(build / "dmmh-build.lock")):
             if library.exists():
-                torch.ops.load_library(str(library))
-            else:
-                (build / "lock").unlink(missing_ok=True)
-                log.warning("building dmmh's C++ kernels in %s (once per machine; about a minute)", build)
-                cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                   build_directory=str(build), is_python_module=False)
+                try:
+                    torch.ops.load_library(str(library))
+                    return torch.ops.dmmh, None
+                except OSError:  # not a library: a build killed while linking; built again
+                    library.unlink()
+            (build / "lock").unlink(missing_ok=True)
+            log.warning("building dmmh's C++ kernels in %s (once per machine; about a minute)", build)
+            cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               build_directory=str(build), is_python_module=False)
         return torch.ops.dmmh, None
     except Exception as exc:  # noqa: BLE001 - any failure (no compiler, no ninja, bad flags) means "not available"
         error = KernelUnavailable(f"dmmh's C++ kernels are unavailable: {type(exc).__name__}: {str(exc)[-2000:]}")
