@@ -54,7 +54,7 @@ def run_passes(fn: Callable[[slice], Tensor], n: int, step: int) -> Tensor:
         return fn(parts[0])
     if not workers:
         return torch.cat([fn(rows) for rows in parts])
-    state = _ThreadState.capture()
+    state = _ThreadState()
     return torch.cat(list(_pool(workers).map(lambda rows: state.run(fn, rows), parts)))
 
 
@@ -75,7 +75,7 @@ def encoder_in_passes(encoder: nn.Module, x: Tensor, step: int) -> Tensor:
         return torch.cat([encoder(x[rows]) for rows in parts])
     # one seed per pass, drawn here in pass order: the masks do not depend on which thread runs which pass
     seeds = torch.randint(2**62, (len(parts),)).tolist() if random else [None] * len(parts)
-    return _EncoderPasses.apply(encoder, parts, seeds, _ThreadState.capture(), _pool(workers), x, *params)
+    return _EncoderPasses.apply(encoder, parts, seeds, _ThreadState(), _pool(workers), x, *params)
 
 
 class _EncoderPasses(torch.autograd.Function):
@@ -185,8 +185,6 @@ class _ThreadState:
     def __init__(self):
         self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         self.autocast, self.autocast_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-
-    capture = classmethod(lambda cls: cls())
 
     @contextmanager
     def entered(self, grad: bool | None = None) -> Iterator[None]:
