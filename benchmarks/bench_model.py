@@ -110,7 +110,10 @@ def model_rows(rep: Report, encoder: str, bits: int, args, threads: tuple[int, .
     for prec in PRECISIONS:
         with precision(prec):
             fl = {"encode": flops(encode) / args.batch, "train": flops(train_step) / args.train_batch}
-            t = interleaved_medians({"encode": encode, "train": train_step}, threads, args.repeats)
+            # each workload timed on its own (a training step between two encodes would leave the allocator
+            # and caches in a state no encoding job sees), the thread counts taking turns
+            t = {**interleaved_medians({"encode": encode}, threads, args.repeats),
+                 **interleaved_medians({"train": train_step}, threads, args.repeats)}
         for th in threads:
             cells = []
             for kind, n in (("encode", args.batch), ("train", args.train_batch)):
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     rep = Report("model", DEVICE, args.out, f"DMMH encode and train-step speed vs the fp32 GEMM rate; median of {args.repeats}")
     if hasattr(os, "getloadavg"):
         rep(f"# load average at start: {os.getloadavg()[0]:.1f}; batch {args.batch} (encode), {args.train_batch} (train)")
-    if "transformer" not in encoders:
+    if args.encoders is None and "transformer" not in encoders:
         rep("# the 'transformer' encoder is not registered in this build: no transformer rows")
     args.gemm = gemm_rates(threads, args.repeats)
     rep(f"# fp32 GEMM {8192 if DEVICE == 'cuda' else 2048}^3: " + ", ".join(f"{g:.1f} GFLOP/s with {t} thread{'s' * (t > 1)}" for t, g in args.gemm.items()))

@@ -138,16 +138,21 @@ def test_encoder_backends_agree_with_gradients(backend):
 
 
 def test_layer_feeds_the_kernels_channels_contiguous_views(monkeypatch):
-    """No transposed copies between the layer's Linear layers, its convolution and its scan."""
+    """No transposed copies between the layer's Linear layers, its convolution and its scan; dt reaches the scan
+    in low rank (a view of x_proj's output) with dt_proj's weight, for the kernel to project step by step."""
     import dmmh.encoders.mamba as mm
 
     seen = {}
     real_scan, real_conv = mm.selective_scan_fn, mm.causal_conv1d_fn
-    monkeypatch.setattr(mm, "selective_scan_fn", lambda u, dt, A, B, C, D, **kw: seen.setdefault("scan", (u, dt, kw["z"])) and real_scan(u, dt, A, B, C, D, **kw))
+    monkeypatch.setattr(mm, "selective_scan_fn", lambda u, dt, A, B, C, D, **kw: seen.setdefault("scan", (u, kw["z"], dt, B, kw["delta_proj"])) and real_scan(u, dt, A, B, C, D, **kw))
     monkeypatch.setattr(mm, "causal_conv1d_fn", lambda x, *a, **kw: seen.setdefault("conv", x) is not None and real_conv(x, *a, **kw))
-    Mamba(16, d_state=4)(torch.randn(2, 7, 16))
-    for t in (seen["conv"], *seen["scan"]):
-        assert t.shape[1:] == (32, 7) and t.stride(1) == 1, t.stride()
+    layer = Mamba(32, d_state=4)
+    layer(torch.randn(2, 7, 32))
+    u, z, dt, B, proj = seen["scan"]
+    for t in (seen["conv"], u, z):
+        assert t.shape[1:] == (64, 7) and t.stride(1) == 1, t.stride()
+    assert dt.shape[1:] == (2, 7) and dt.stride(1) == 1 and dt.untyped_storage().data_ptr() == B.untyped_storage().data_ptr()
+    assert proj is layer.dt_proj.weight and proj.shape == (64, 2)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -196,6 +196,78 @@ def test_extreme_values(backend):
     assert torch.isnan(out[1, 3, 5:]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, 3, :5]).all()
 
 
+def low_rank(ins, r, wide=3):
+    """``ins`` with delta in low rank: a strided (b, r, l) view (as the Mamba layer's x_proj output gives it) and
+    the (d, r) projection; and the full delta the test computes from them by a plain einsum."""
+    b, d, l = ins["u"].shape
+    rows = torch.randn(b, l, r + wide)  # r columns of a wider row, like dt next to B and C
+    low = rows[..., :r].transpose(1, 2).requires_grad_(ins["delta"].requires_grad)
+    proj = (torch.randn(d, r) * r**-0.5).requires_grad_(ins["delta"].requires_grad)
+    return low, proj, torch.einsum("dr,brl->bdl", proj, low)
+
+
+@pytest.mark.parametrize("backend", ["ref", *FAST])
+@pytest.mark.parametrize("d,r,bc", [(20, 1, "shared"), (33, 8, "grouped"), (16, 3, "constant")])
+def test_low_rank_delta_equals_the_projected_delta(backend, d, r, bc):
+    """``delta_proj``: outputs, last state and gradients (of the low-rank delta and of the projection too) as
+    the scan of the delta the test projects itself; the kernel's fused inference path likewise."""
+    ins = make(b=3, d=d, l=70, n=4, bc=bc, groups=3 if d == 33 else 2)
+    low, proj, full = low_rank(ins, r)
+    g_out = torch.randn(3, d, 70)
+    want = scan_and_grads("ref", {**ins, "delta": full}, g_out=g_out)
+    got = selective_scan_fn(**{**ins, "delta": low}, delta_softplus=True, return_last_state=True, backend=backend, delta_proj=proj)
+    g_low, g_proj = torch.autograd.grad(((got[0] * g_out).sum() + (got[1] ** 2).sum()), [low, proj])
+    ref_g_delta = want[2]["delta"]  # the chain rule through the test's own einsum gives the other two
+    assert rel_err(got[0], want[0]) <= RTOL and rel_err(got[1], want[1]) <= RTOL
+    assert rel_err(g_low, torch.einsum("dr,bdl->brl", proj, ref_g_delta)) <= RTOL
+    assert rel_err(g_proj, torch.einsum("bdl,brl->dr", ref_g_delta, low)) <= RTOL
+    with torch.inference_mode():  # the kernel's fused path, no gradients
+        out, last = selective_scan_fn(**{**ins, "delta": low}, delta_softplus=True, return_last_state=True,
+                                      backend=backend, delta_proj=proj)
+    assert rel_err(out, want[0]) <= RTOL and rel_err(last, want[1]) <= RTOL
+
+
+def test_low_rank_delta_errors_and_flop_count():
+    ins = make(b=2, d=8, l=5, n=3, requires_grad=False)
+    low, proj, _ = low_rank(ins, 2)
+    for bad_low, bad_proj in ((low, proj[:5]), (low[:, :1], proj), (low[..., :4], proj)):
+        for backend in ("cpu", "torch"):
+            with pytest.raises(ValueError, match="delta_proj"):
+                selective_scan_fn(**{**ins, "delta": bad_low}, backend=backend, delta_proj=bad_proj)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode():  # the fused kernel counts what the product and the scan count apart
+        with FlopCounterMode(display=False) as fused:
+            selective_scan_fn(**{**ins, "delta": low}, delta_softplus=True, backend="cpu", delta_proj=proj)
+        with FlopCounterMode(display=False) as apart:
+            selective_scan_fn(**{**ins, "delta": (low.transpose(1, 2) @ proj.t()).transpose(1, 2)}, delta_softplus=True, backend="cpu")
+    assert fused.get_total_flops() == apart.get_total_flops() == 2 * 2 * 8 * 5 * (3 + 2)  # n = 3 and r = 2
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("n", [1, 16])
+def test_non_finite_steps_and_decays_give_the_references_values(backend, n):
+    """dt = +inf (the kernel's clamped exponentials), dt = 0 (softplus(-inf)), a NaN in A, decays that overflow
+    to inf (A > 0) or underflow far below float32's range: NaN, inf and finite values where the reference has
+    them (with one state, an infinite state stays infinite instead of meeting another of the opposite sign)."""
+    ins = make(b=2, d=20, l=19, n=n, requires_grad=False)
+    ins["delta"][0, 2, 3], ins["delta"][1, 5, 9], ins["delta"][1, 6, 0] = float("inf"), float("-inf"), float("inf")
+    ins["A"][7, -1] = float("nan")
+    ins["A"][9, 0] = 40.0  # exp(40 dt) > 1: one state overflows to inf within a few steps, y with it
+    ins["A"][11] = -500.0  # exp(dt A) down to e^-500 and below (subnormal, then 0)
+    for c in (9, 11):  # dt > 0 there with or without softplus: the kernel flushes decays below 2^-126 to 0,
+        ins["delta"][:, c], ins["delta_bias"][c] = ins["delta"][:, c].abs(), 0.0  # which times an inf state is NaN
+    for softplus in (True, False):
+        with torch.no_grad():
+            got = selective_scan_fn(**ins, delta_softplus=softplus, backend=backend)
+            want = selective_scan_ref(**ins, delta_softplus=softplus)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        assert torch.equal(got[got.isinf()], want[want.isinf()])  # the same signs
+        finite = want.isfinite()
+        assert want.isnan().any() and finite.float().mean() > 0.5 and (want.isinf().any() or not softplus)
+        assert rel_err(got[finite], want[finite]) <= RTOL
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_half_precision_inputs_keep_their_dtype(backend):
     ins = make(b=2, d=4, l=5, n=3, requires_grad=False)
@@ -216,6 +288,21 @@ def test_cpu_kernel_without_gradients_equals_its_training_forward():
     with torch.inference_mode():
         without = selective_scan_fn(**ins, delta_softplus=True, return_last_state=True, backend="cpu")
     assert torch.equal(with_grad[0], without[0]) and torch.equal(with_grad[1], without[1])
+
+
+@pytest.mark.skipif("avx512f" not in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else True,
+                    reason="without AVX-512 the default build already runs the portable loops")
+def test_cpu_kernel_portable_loops_equal_the_reference():
+    """The kernel's portable lane loops (what a CPU without AVX-512 runs) pass the exactness tests above: a
+    build with -mno-avx512f, in a subprocess (a process holds one build)."""
+    import subprocess
+    import sys
+
+    tests = "cpu and (equals_reference or blocks_and_chunks or layer_layout or extreme or non_finite or edge_shapes or without_gradients or low_rank)"
+    env = {**os.environ, "DMMH_CPU_KERNEL_FLAGS": "-mno-avx512f"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0 and " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():

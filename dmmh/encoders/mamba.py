@@ -95,11 +95,12 @@ class Mamba(nn.Module):
         conv, x_proj, dt_proj = (getattr(self, k + suffix) for k in ("conv1d", "x_proj", "dt_proj"))
         u = causal_conv1d_fn(x.transpose(1, 2), conv.weight[:, 0], conv.bias, "silu", backend=self._conv_backend)
         dt, B, C = torch.split(x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = dt @ dt_proj.weight.t()  # (b, l, d_inner); dt_proj's bias is added in the scan
         A = -torch.exp(_fp32(self.A_b_log if suffix else self.A_log))
+        # dt_proj's product is taken by the scan (fused in the C++ kernel's inference path), its bias added there
         return selective_scan_fn(
             u, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), _fp32(getattr(self, "D" + suffix)),
             z=z.transpose(1, 2), delta_bias=_fp32(dt_proj.bias), delta_softplus=True, backend=self.backend,
+            delta_proj=dt_proj.weight,
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:

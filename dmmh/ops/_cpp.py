@@ -36,12 +36,15 @@ class KernelUnavailable(RuntimeError):
 
 
 def _flags() -> list[str]:
+    """Compiler flags: optimised for this CPU, then those of ``$DMMH_CPU_KERNEL_FLAGS`` (space-separated; e.g.
+    ``-march=x86-64-v3`` for a build that runs on other CPUs, ``-mno-avx512f`` for the portable lane loops
+    instead of the AVX-512 ones)."""
     flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for's threads (torch's own libgomp is already loaded)
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += ["-march=native", "-mprefer-vector-width=512"]
     elif platform.machine().lower() in ("aarch64", "arm64"):
         flags += ["-mcpu=native"]
-    return flags
+    return flags + os.environ.get("DMMH_CPU_KERNEL_FLAGS", "").split()
 
 
 def _cpu_identity() -> str:
@@ -125,7 +128,7 @@ def _ninja_on_path() -> None:
 # tensors: undefined ones would not pass through Python dispatch modes such as FlopCounterMode.
 SCHEMAS = {
     "selective_scan_fwd": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-                          "Tensor? delta_bias, bool softplus, bool last, bool ckpt) -> Tensor[]",
+                          "Tensor? delta_bias, bool softplus, bool last, bool ckpt, Tensor? delta_proj=None) -> Tensor[]",
     "selective_scan_bwd": "(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
                           "Tensor? delta_bias, bool softplus, Tensor dout, Tensor? dlast, Tensor? ckpt) -> Tensor[]",
     "causal_conv1d_fwd": "(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor",
@@ -140,6 +143,11 @@ def _scan_flops(factor: int):
     return lambda u, delta, A, *rest, out_shape=None, **kw: factor * u[0] * u[1] * u[2] * A[1]
 
 
+def _scan_fwd_flops(u, delta, A, B, C, D, z, delta_bias, softplus, last, ckpt, delta_proj=None, out_shape=None, **kw):
+    """The forward's contraction with C, plus the matrix product of a fused low-rank delta (``delta_proj``)."""
+    return 2 * u[0] * u[1] * u[2] * (A[1] + (delta_proj[1] if delta_proj is not None else 0))
+
+
 def _conv_flops(factor: int):
     return lambda x, weight, *rest, out_shape=None, **kw: factor * x[0] * x[1] * x[2] * weight[1]
 
@@ -147,7 +155,7 @@ def _conv_flops(factor: int):
 # FlopCounterMode counts for the kernels what it counted for the matrix products of the pure-PyTorch paths
 # they replace: the scan's contraction with C (2 b d l n) and three such products in its backward; the
 # convolution's multiply-adds, twice in its backward.
-for _op, _formula in (("selective_scan_fwd", _scan_flops(2)), ("selective_scan_bwd", _scan_flops(6)),
+for _op, _formula in (("selective_scan_fwd", _scan_fwd_flops), ("selective_scan_bwd", _scan_flops(6)),
                       ("causal_conv1d_fwd", _conv_flops(2)), ("causal_conv1d_bwd", _conv_flops(4))):
     register_flop_formula(getattr(torch.ops.dmmh, _op))(_formula)
 

@@ -4,6 +4,8 @@
 // Selective scan: the semantics of dmmh.ops.selective_scan_ref (mamba-ssm's selective_scan_fn),
 //   dt  = softplus(delta + delta_bias)                      (bias, softplus optional)
 //   x_t = exp(dt_t A) x_{t-1} + dt_t u_t B_t,   y_t = <x_t, C_t> + D u_t,   out = y * silu(z)
+// The forward also takes delta in low rank, (b, r, l) with delta_proj (d, r): delta = delta_proj @ delta,
+// computed step by step (Mamba's dt_proj, fused: the (b, d, l) delta is never written to memory).
 // Causal convolution: the semantics of dmmh.ops.causal_conv1d_ref (the causal-conv1d package's function),
 //   out_t = act(bias + sum_k w_k x_{t-K+1+k}),  x_{<0} = 0,  act = silu or identity
 //
@@ -33,11 +35,20 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t kChunk = 64;            // steps between saved states (and per backward recomputation)
+constexpr int64_t kGroup = 8;             // steps whose elementwise work the forward does together
 constexpr int64_t kMinTaskWork = 1 << 18; // lane-steps per thread below which a call stays on one thread
 
 template <typename T>
@@ -110,6 +121,35 @@ LANE_FN T sigmoid(T x) {
   return T(1) / (T(1) + exp_lane(-x));
 }
 
+// Buffers of lanes, aligned to whole 64-byte vectors (a vector split over two cache lines loads and stores
+// slower, and stops store-to-load forwarding of the state between steps).
+template <typename T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const AlignedAlloc<U>&) const { return true; }
+};
+template <typename T>
+using LaneVec = std::vector<T, AlignedAlloc<T>>;
+
+// Subnormal numbers flushed to zero on this thread while it exists (x86's FTZ and DAZ, restored after):
+// exponentials of very negative dt A are subnormal, and arithmetic on subnormals is many times slower on
+// some CPUs (microcode assists). The values flushed are below 1.2e-38.
+struct FlushSubnormals {
+#if defined(__SSE__)
+  unsigned int saved = _mm_getcsr();
+  FlushSubnormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushSubnormals() { _mm_setcsr(saved); }
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+#endif
+};
+
 // ---- views
 
 template <typename T>
@@ -135,6 +175,14 @@ struct Mat {  // B or C: variable (b, G, n, l), or constant (d, n)
 };
 
 template <typename T>
+struct LowRank {  // delta given as (b, r, l) with any strides, and the (d, r) projection to the channels
+  const T* p = nullptr;  // nullptr: delta is (b, d, l)
+  int64_t sb = 0, sr = 0, sl = 0, r = 0;
+  const T* w = nullptr;
+  int64_t swd = 0, swr = 0;
+};
+
+template <typename T>
 struct Problem {
   int64_t b, d, l, n, groups;  // groups: of the variable B/C (1 if both are constant)
   Seq<const T> u, delta, z;
@@ -143,13 +191,15 @@ struct Problem {
   Mat<T> B, C;
   const T *D, *bias;  // contiguous (d,) or nullptr
   bool softplus;
+  LowRank<T> low;
   int64_t group_size() const { return d / groups; }
 };
 
 template <typename T>
 Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                         const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                        const std::optional<at::Tensor>& bias, bool softplus) {
+                        const std::optional<at::Tensor>& bias, bool softplus,
+                        const std::optional<at::Tensor>& delta_proj = std::nullopt) {
   const auto st = u.scalar_type();
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.scalar_type() == st && t.device().is_cpu(), "dmmh selective scan: ", name, " must be a CPU ",
@@ -163,7 +213,18 @@ Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::
                 " must have u's shape with contiguous channels, got sizes ", t.sizes(), " strides ", t.strides());
   };
   seq(u, "u");
-  seq(delta, "delta");
+  LowRank<T> low;
+  if (delta_proj) {  // delta is (b, r, l): projected to the channels step by step
+    same(delta, "delta");
+    same(*delta_proj, "delta_proj");
+    TORCH_CHECK(delta_proj->dim() == 2 && delta_proj->size(0) == d && delta.dim() == 3 && delta.size(0) == b &&
+                    delta.size(1) == delta_proj->size(1) && delta.size(2) == l,
+                "dmmh selective scan: with delta_proj (d, r), delta must be (b, r, l)");
+    low = {delta.data_ptr<T>(), delta.stride(0), delta.stride(1), delta.stride(2), delta.size(1),
+           delta_proj->data_ptr<T>(), delta_proj->stride(0), delta_proj->stride(1)};
+  } else {
+    seq(delta, "delta");
+  }
   same(A, "A");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == d, "dmmh selective scan: A must be (d, n)");
   int64_t groups = 1;
@@ -178,8 +239,8 @@ Problem<T> make_problem(const at::Tensor& u, const at::Tensor& delta, const at::
     }
   }
   TORCH_CHECK(B.dim() != 4 || C.dim() != 4 || B.size(1) == C.size(1), "dmmh selective scan: B and C groups differ");
-  Problem<T> P{b, d, l, n, groups, Seq<const T>(u), Seq<const T>(delta), Seq<const T>(), A.data_ptr<T>(), A.stride(0),
-               A.stride(1), Mat<T>(B), Mat<T>(C), nullptr, nullptr, softplus};
+  Problem<T> P{b, d, l, n, groups, Seq<const T>(u), delta_proj ? Seq<const T>() : Seq<const T>(delta), Seq<const T>(),
+               A.data_ptr<T>(), A.stride(0), A.stride(1), Mat<T>(B), Mat<T>(C), nullptr, nullptr, softplus, low};
   if (z) {
     seq(*z, "z");
     P.z = Seq<const T>(*z);
@@ -232,8 +293,9 @@ inline void store(T* dst, const T* __restrict__ src, int w) {
 template <typename T>
 struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is A[c0 + i, k]; A2 = A log2(e)
   static constexpr int W = kLanes<T>;
-  std::vector<T> A, A2, Bc, Cc;
+  LaneVec<T> A, A2, Bc, Cc, Wlow;  // Wlow[j * W + i]: delta_proj[c0 + i, j]
   T D[W], bias[W];
+  T dt_finite;  // |dt| below this keeps dt A2 finite (1e37 / max |A2|; NaN if A2 holds NaN)
   explicit Lanes(int64_t n) : A(n * W), A2(n * W), Bc(n * W), Cc(n * W) {}
   void fill(const Problem<T>& P, const Block<T>& blk) {
     for (int64_t k = 0; k < P.n; ++k)
@@ -245,6 +307,12 @@ struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is 
         Bc[k * W + i] = on && !P.B.variable ? P.B.p[c * P.B.sd + k * P.B.sn] : T(0);
         Cc[k * W + i] = on && !P.C.variable ? P.C.p[c * P.C.sd + k * P.C.sn] : T(0);
       }
+    T a2_max = T(0);
+    for (int64_t j = 0; j < P.n * W; ++j) a2_max = std::abs(A2[j]) > a2_max || std::isnan(A2[j]) ? std::abs(A2[j]) : a2_max;
+    dt_finite = T(1e37) / a2_max;
+    Wlow.resize(P.low.r * W);
+    for (int64_t j = 0; j < P.low.r; ++j)
+      FOR_LANES(i) Wlow[j * W + i] = i < blk.w ? P.low.w[(blk.c0 + i) * P.low.swd + j * P.low.swr] : T(0);
     FOR_LANES(i) {
       D[i] = P.D && i < blk.w ? P.D[blk.c0 + i] : T(0);
       bias[i] = P.bias && i < blk.w ? P.bias[blk.c0 + i] : T(0);
@@ -252,13 +320,34 @@ struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is 
   }
 };
 
-// dt (and d dt / d pre when `grad`) of one step, from delta and the bias
+// delta + bias of steps t0 .. t0 + len - 1 into dt[s * W + i]; a low-rank delta is projected with the
+// loop over its rank outside the loop over steps, so that the steps' sums are independent chains
 template <typename T>
-inline void step_dt(const Problem<T>& P, const Lanes<T>& L, const Block<T>& blk, int64_t b, int64_t t, T* __restrict__ dt,
-                    T* __restrict__ dsp) {
+inline void raw_dt(const Problem<T>& P, const Lanes<T>& L, const Block<T>& blk, int64_t b, int64_t t0, int64_t len,
+                   T* __restrict__ dt) {
   constexpr int W = kLanes<T>;
-  load(dt, P.delta.at(b, blk.c0, t), blk.w);
-  FOR_LANES(i) dt[i] += L.bias[i];
+  if (!P.low.p) {
+    for (int64_t s = 0; s < len; ++s) {
+      load(dt + s * W, P.delta.at(b, blk.c0, t0 + s), blk.w);
+      FOR_LANES(i) dt[s * W + i] += L.bias[i];
+    }
+    return;
+  }
+  for (int64_t s = 0; s < len; ++s) FOR_LANES(i) dt[s * W + i] = L.bias[i];
+  const T* v = P.low.p + b * P.low.sb + t0 * P.low.sl;
+  for (int64_t j = 0; j < P.low.r; ++j) {
+    const T* __restrict__ wj = &L.Wlow[j * W];
+    for (int64_t s = 0; s < len; ++s) {
+      const T vj = v[s * P.low.sl + j * P.low.sr];
+      FOR_LANES(i) dt[s * W + i] += wj[i] * vj;
+    }
+  }
+}
+
+// dt = softplus(delta + bias) in place (and d dt / d pre into dsp when given)
+template <typename T>
+inline void activate_dt(const Problem<T>& P, T* __restrict__ dt, T* __restrict__ dsp) {
+  constexpr int W = kLanes<T>;
   if (P.softplus) {
     if (dsp)
       FOR_LANES(i) dsp[i] = sigmoid(dt[i]);
@@ -268,11 +357,70 @@ inline void step_dt(const Problem<T>& P, const Lanes<T>& L, const Block<T>& blk,
   }
 }
 
+// dt of one step (and d dt / d pre into dsp when given)
+template <typename T>
+inline void step_dt(const Problem<T>& P, const Lanes<T>& L, const Block<T>& blk, int64_t b, int64_t t, T* __restrict__ dt,
+                    T* __restrict__ dsp) {
+  raw_dt(P, L, blk, b, t, 1, dt);
+  activate_dt(P, dt, dsp);
+}
+
+#if defined(__AVX512F__)
+// exp2_lane on 16 float lanes in AVX-512's own instructions, equal to it wherever the result is a normal
+// float: k = round(t) by vrndscaleps, the same polynomial with halved coefficients (so exactly half of
+// exp2_lane's), scaled by 2^k with vscalefps, which also handles underflow (to 0 under FlushSubnormals),
+// overflow (inf) and NaN, without exp2_lane's compare-and-selects. Only t = +-inf needs care (f = inf - inf
+// is NaN): with kClamp t is first clamped to [-150, 129], keeping NaN (max(a, NaN) is NaN in this order).
+template <bool kClamp>
+inline __m512 exp2_avx512(__m512 t) {
+  if (kClamp) t = _mm512_min_ps(_mm512_set1_ps(129.0f), _mm512_max_ps(_mm512_set1_ps(-150.0f), t));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_set1_ps(3.0692500877194107e-04f * 0.5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.6799871120601892e-03f * 0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.9236974418163300e-02f * 0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1100657284259796e-01f * 0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.8045292496681213e-01f * 0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3862943649291992e+00f * 0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// step_state's loop over the states in AVX-512 instructions (16 float lanes: one register)
+template <bool kClamp, bool VB, bool VC>
+inline void step_state_avx512(const Problem<float>& P, const Lanes<float>& L, const float* Bv, const float* Cv, int64_t t,
+                              __m512 vdt, __m512 vdtu, float* __restrict__ x, float* __restrict__ y, float* __restrict__ a) {
+  constexpr int W = 16;
+  __m512 vy = _mm512_setzero_ps();
+  for (int64_t k = 0; k < P.n; ++k) {
+    const __m512 bk = VB ? _mm512_set1_ps(Bv[k * P.B.sn + t * P.B.sl]) : _mm512_load_ps(&L.Bc[k * W]);
+    const __m512 ck = VC ? _mm512_set1_ps(Cv[k * P.C.sn + t * P.C.sl]) : _mm512_load_ps(&L.Cc[k * W]);
+    const __m512 e = exp2_avx512<kClamp>(_mm512_mul_ps(vdt, _mm512_load_ps(&L.A2[k * W])));
+    if (a) _mm512_store_ps(a + k * W, e);
+    const __m512 xk = _mm512_fmadd_ps(e, _mm512_load_ps(x + k * W), _mm512_mul_ps(vdtu, bk));
+    _mm512_store_ps(x + k * W, xk);
+    vy = _mm512_fmadd_ps(xk, ck, vy);
+  }
+  _mm512_storeu_ps(y, vy);
+}
+#endif
+
 // One step of the recurrence for a block: x <- exp(dt A) x + dt u B;  returns <x, C> in y; the decays in `a` if given.
 template <typename T, bool VB, bool VC>
 inline void step_state(const Problem<T>& P, const Lanes<T>& L, const T* Bv, const T* Cv, int64_t t, const T* __restrict__ dt,
                        const T* __restrict__ dtu, T* __restrict__ x, T* __restrict__ y, T* __restrict__ a) {
   constexpr int W = kLanes<T>;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    // dt A log2(e) is finite (the exponentials need no clamp) unless |dt| >= L.dt_finite or is NaN
+    const __m512 vdt = _mm512_loadu_ps(dt), vdtu = _mm512_loadu_ps(dtu);
+    if (_mm512_cmp_ps_mask(_mm512_abs_ps(vdt), _mm512_set1_ps(L.dt_finite), _CMP_NLT_UQ))
+      step_state_avx512<true, VB, VC>(P, L, Bv, Cv, t, vdt, vdtu, x, y, a);
+    else
+      step_state_avx512<false, VB, VC>(P, L, Bv, Cv, t, vdt, vdtu, x, y, a);
+    return;
+  }
+#endif
   FOR_LANES(i) y[i] = T(0);
   for (int64_t k = 0; k < P.n; ++k) {
     const T bk = VB ? Bv[k * P.B.sn + t * P.B.sl] : T(0);
@@ -314,23 +462,36 @@ void forward_block(const Problem<T>& P, const Block<T>& blk, int64_t b, Lanes<T>
   std::fill(x, x + n * W, T(0));
   const T* Bv = variable_ptr(P.B, P, b, blk.c0);
   const T* Cv = variable_ptr(P.C, P, b, blk.c0);
-  T dt[W], uu[W], dtu[W], y[W], zz[W];
-  for (int64_t t = 0; t < P.l; ++t) {
-    if (ckpt && t > 0 && t % kChunk == 0) {  // the state entering chunk t / kChunk
-      T* dst = ckpt + ((b * (nck - 1) + t / kChunk - 1) * P.d + blk.c0) * n;
-      for (int i = 0; i < blk.w; ++i)
-        for (int64_t k = 0; k < n; ++k) dst[i * n + k] = x[k * W + i];
+  // kGroup steps at a time: their dt (softplus) first, then the recurrence, then D and the gating, so
+  // that the long dependency chains of softplus and silu of different steps overlap (measured: 30 % less
+  // time than one step at a time)
+  alignas(64) T dt[kGroup * W], uu[kGroup * W], dtu[kGroup * W], y[kGroup * W], zz[W];
+  for (int64_t t0 = 0; t0 < P.l; t0 += kGroup) {
+    const int64_t len = std::min(kGroup, P.l - t0);
+    raw_dt(P, L, blk, b, t0, len, dt);
+    for (int64_t s = 0; s < len; ++s) {
+      activate_dt(P, dt + s * W, static_cast<T*>(nullptr));
+      load(uu + s * W, P.u.at(b, blk.c0, t0 + s), blk.w);
+      FOR_LANES(i) dtu[s * W + i] = dt[s * W + i] * uu[s * W + i];
     }
-    step_dt(P, L, blk, b, t, dt, static_cast<T*>(nullptr));
-    load(uu, P.u.at(b, blk.c0, t), blk.w);
-    FOR_LANES(i) dtu[i] = dt[i] * uu[i];
-    step_state<T, VB, VC>(P, L, Bv, Cv, t, dt, dtu, x, y, static_cast<T*>(nullptr));
-    FOR_LANES(i) y[i] += L.D[i] * uu[i];
-    if (P.z.p) {
-      load(zz, P.z.at(b, blk.c0, t), blk.w);
-      FOR_LANES(i) y[i] *= zz[i] * sigmoid(zz[i]);
+    for (int64_t s = 0; s < len; ++s) {
+      const int64_t t = t0 + s;
+      if (ckpt && t > 0 && t % kChunk == 0) {  // the state entering chunk t / kChunk
+        T* dst = ckpt + ((b * (nck - 1) + t / kChunk - 1) * P.d + blk.c0) * n;
+        for (int i = 0; i < blk.w; ++i)
+          for (int64_t k = 0; k < n; ++k) dst[i * n + k] = x[k * W + i];
+      }
+      step_state<T, VB, VC>(P, L, Bv, Cv, t, dt + s * W, dtu + s * W, x, y + s * W, static_cast<T*>(nullptr));
     }
-    store(out.at(b, blk.c0, t), y, blk.w);
+    for (int64_t s = 0; s < len; ++s) {
+      T* ys = y + s * W;
+      FOR_LANES(i) ys[i] += L.D[i] * uu[s * W + i];
+      if (P.z.p) {
+        load(zz, P.z.at(b, blk.c0, t0 + s), blk.w);
+        FOR_LANES(i) ys[i] *= zz[i] * sigmoid(zz[i]);
+      }
+      store(out.at(b, blk.c0, t0 + s), ys, blk.w);
+    }
   }
   if (last)
     for (int i = 0; i < blk.w; ++i)
@@ -378,8 +539,9 @@ void forward(const Problem<T>& P, Seq<T> out, T* last, T* ckpt) {
   const auto blocks = group_blocks<T>(0, hs);  // the same in every group
   const int64_t nb = static_cast<int64_t>(blocks.size()), per_item = P.groups * nb;
   parallel_tasks(P.b * per_item, grain<T>(P.l * P.n * kLanes<T>), [&](int64_t begin, int64_t end) {
+    FlushSubnormals ftz;
     Lanes<T> L(P.n);
-    std::vector<T> x(P.n * kLanes<T>);
+    LaneVec<T> x(P.n * kLanes<T>);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / per_item, g = task % per_item / nb;
       Block<T> blk = blocks[task % nb];
@@ -405,10 +567,11 @@ struct Forward {
 std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                                  const at::Tensor& C, const std::optional<at::Tensor>& D,
                                  const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& bias,
-                                 bool softplus, bool want_last, bool want_ckpt) {
+                                 bool softplus, bool want_last, bool want_ckpt,
+                                 const std::optional<at::Tensor>& delta_proj) {
   std::vector<at::Tensor> res;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "dmmh_selective_scan_fwd", [&] {
-    const auto P = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus);
+    const auto P = make_problem<scalar_t>(u, delta, A, B, C, D, z, bias, softplus, delta_proj);
     const int64_t nck = (P.l + kChunk - 1) / kChunk;
     at::Tensor out = empty_seq<scalar_t>(P.b, P.d, P.l, u);
     at::Tensor last = at::empty({want_last ? P.b : 0, P.d, P.n}, u.options());
@@ -438,8 +601,8 @@ template <typename T>
 struct Work {
   static constexpr int W = kLanes<T>;
   int64_t n, nb;
-  std::vector<T> x, a, y, dt, dsp, accB, accC;  // chunk: states (kChunk + 1 steps), decays, y, dt, d softplus
-  std::vector<T> carry, dA, dBc, dCc, dD, dbias;  // per block: exp(dt A) g of the next step, accumulators
+  LaneVec<T> x, a, y, dt, dsp, accB, accC;  // chunk: states (kChunk + 1 steps), decays, y, dt, d softplus
+  LaneVec<T> carry, dA, dBc, dCc, dD, dbias;  // per block: exp(dt A) g of the next step, accumulators
   Work(int64_t n_, int64_t nb_)
       : n(n_), nb(nb_), x((kChunk + 1) * n * W), a(kChunk * n * W), y(kChunk * W), dt(kChunk * W), dsp(kChunk * W),
         accB(kChunk * n * W), accC(kChunk * n * W), carry(nb * n * W), dA(nb * n * W), dBc(nb * n * W),
@@ -576,6 +739,7 @@ struct Backward {
     const auto blocks = group_blocks<T>(0, P.group_size());
     const int64_t nb = static_cast<int64_t>(blocks.size());
     parallel_tasks(P.b * P.groups, grain<T>(3 * P.l * P.n * P.group_size()), [&](int64_t begin, int64_t end) {
+      FlushSubnormals ftz;
       Lanes<T> L(P.n);
       Work<T> ws(P.n, nb);
       for (int64_t task = begin; task < end; ++task)
@@ -702,7 +866,7 @@ void conv_backward(const Conv<T>& P, Seq<const T> dout, Seq<T> dx, T* dw, T* dbi
   const auto blocks = group_blocks<T>(0, P.d);
   const int64_t nb = static_cast<int64_t>(blocks.size()), K = P.K;
   parallel_tasks(P.b * nb, grain<T>(3 * P.l * P.K * W), [&](int64_t begin, int64_t end) {
-    std::vector<T> wl(K * W), xw(K * W), gw(K * W), dwl(K * W);
+    LaneVec<T> wl(K * W), xw(K * W), gw(K * W), dwl(K * W);
     T bl[W], pre[W], g[W], dxv[W], dbl[W];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nb;

@@ -55,12 +55,28 @@ _BLOCK_ELEMENTS = 1 << 20
 def selective_scan_fn(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
     delta_bias: Tensor | None = None, delta_softplus: bool = False, return_last_state: bool = False,
-    *, backend: str = "auto",
+    *, backend: str = "auto", delta_proj: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The selective scan on the chosen ``backend`` (see the module docstring)."""
+    """The selective scan on the chosen ``backend`` (see the module docstring).
+
+    With ``delta_proj`` ``(d, r)`` (dmmh's addition: Mamba's ``dt_proj`` weight), ``delta`` is ``(b, r, l)``
+    and the scan uses ``delta_proj @ delta``: the C++ kernel computes it step by step when no gradient is
+    needed (the ``(b, d, l)`` delta is never stored), the other paths materialise it first.
+    """
     name = resolve_backend(backend, u)
-    impl = {"ref": selective_scan_ref, "cpu": selective_scan_cpu, "torch": selective_scan_torch, "cuda": selective_scan_cuda}[name]
+    if name == "cpu":
+        return selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, delta_proj=delta_proj)
+    if delta_proj is not None:
+        delta = project_delta(delta, delta_proj, u)
+    impl = {"ref": selective_scan_ref, "torch": selective_scan_torch, "cuda": selective_scan_cuda}[name]
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def project_delta(delta: Tensor, delta_proj: Tensor, u: Tensor) -> Tensor:
+    """``delta_proj @ delta``: ``(d, r)`` and ``(b, r, l)`` → ``(b, d, l)`` with contiguous channels, as a
+    Linear layer's output transposed (what the Mamba layer computed before the scan)."""
+    _check_low_rank(delta, delta_proj, u)
+    return (delta.transpose(1, 2) @ delta_proj.t()).transpose(1, 2)
 
 
 def resolve_backend(backend: str, u: Tensor) -> str:
@@ -119,6 +135,16 @@ def _check(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int]:
     if B.ndim == 4 and C.ndim == 4 and gb != gc:
         raise ValueError(f"selective scan: B has {gb} groups but C has {gc}; grouped B and C must agree")
     return gb, gc
+
+
+def _check_low_rank(delta: Tensor, delta_proj: Tensor, u: Tensor) -> None:
+    b, d, l = u.shape if u.ndim == 3 else (None, None, None)
+    if delta_proj.ndim != 2 or delta_proj.shape[0] != d or delta.ndim != 3 or (delta.shape[0], delta.shape[2]) != (b, l) \
+            or delta.shape[1] != delta_proj.shape[1]:
+        raise ValueError(
+            f"selective scan: with delta_proj (d, r) = (d, r) delta must be (b, r, l): got delta_proj {tuple(delta_proj.shape)}, "
+            f"delta {tuple(delta.shape)}, u (b, d, l) = {tuple(u.shape)}"
+        )
 
 
 def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype) -> Tensor:
@@ -222,15 +248,27 @@ class _SelectiveScanCPU(torch.autograd.Function):
         return (*out, None, None)
 
 
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False):
-    """The C++ kernel (CPU tensors; see the module docstring). Without gradients it stores no states at all."""
-    _check(u, delta, A, B, C, D, z, delta_bias)
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+                       *, delta_proj=None):
+    """The C++ kernel (CPU tensors; see the module docstring). Without gradients it stores no states at all
+    (and computes a low-rank ``delta`` with ``delta_proj`` step by step, see :func:`selective_scan_fn`)."""
     resolve_backend("cpu", u)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj))
+    if delta_proj is not None and needs_grad:  # gradients through the projection: materialised by autograd
+        delta, delta_proj = project_delta(delta, delta_proj, u), None
+    _check(u, delta if delta_proj is None else None, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+    if needs_grad:
         return _SelectiveScanCPU.apply(*args, bool(delta_softplus), bool(return_last_state))
-    ins = _kernel_inputs(*args, _cpp.compute_dtype(*args))
-    out, last, _ = _cpp.load().selective_scan_fwd(*ins, bool(delta_softplus), bool(return_last_state), False)
+    dtype = _cpp.compute_dtype(*args, delta_proj)
+    if delta_proj is None:
+        ins, proj = _kernel_inputs(*args, dtype), None
+    else:
+        _check_low_rank(delta, delta_proj, u)
+        ins, proj = _kernel_inputs(u, None, A, B, C, D, z, delta_bias, dtype), delta_proj.to(dtype)
+        ins[1] = delta.to(dtype)  # (b, r, l), any strides
+    out, last, _ = _cpp.load().selective_scan_fwd(*ins, bool(delta_softplus), bool(return_last_state), False, proj)
     out = out.to(u.dtype)
     return (out, last) if return_last_state else out
 
@@ -332,7 +370,7 @@ def _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_sta
     carry = torch.empty(size, gs, d // gs, n, dtype=dtype, device=u.device)
     for blk in blocks:
         bb = blk.stop - blk.start
-        x = None
+        x = carry[:bb].zero_()  # x_{-1} = 0, multiplied by the first decay as in the reference (NaN * 0 is NaN)
         for t0 in range(0, l, steps):
             ts = slice(t0, min(t0 + steps, l))
             dt = delta[blk, :, ts].permute(2, 0, 1).to(dtype)  # (steps, bb, d)
@@ -343,7 +381,7 @@ def _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_sta
             _block_states(decay, X, dt, du, Af, _bx(Bx, blk, ts), x)
             y[ts, blk] = _dot_n(X, _bx(Cx, blk, ts)).reshape(-1, bb, d)
             x = carry[:bb].copy_(X[-1])  # the workspace is overwritten by the next piece
-        if last is not None and x is not None:
+        if last is not None:
             last[blk] = x.reshape(bb, d, n)
     return y.permute(1, 2, 0), last
 
