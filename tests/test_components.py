@@ -19,6 +19,28 @@ def test_mlp_encoder_shapes_and_positions():
     assert not torch.allclose(out[:, 0], out[:, 1])
 
 
+@pytest.mark.parametrize("num_tokens,bias", [(6, True), (6, False), (1, True)])
+def test_token_expansion_is_a_linear_layer_plus_the_sinusoidal_table(num_tokens, bias):
+    """Linear(dim, dim T) reshaped to T tokens plus sin/cos positions (written out here with numpy)."""
+    from dmmh.encoders import TokenExpansion
+
+    dim = 8
+    te = TokenExpansion(dim, num_tokens)
+    if num_tokens > 1 and not bias:
+        te.proj.bias = None
+    x = torch.randn(5, dim)
+    pos = np.zeros((num_tokens, dim))
+    for p in range(num_tokens):
+        for i in range(0, dim, 2):
+            pos[p, i], pos[p, i + 1] = np.sin(p / 10000 ** (i / dim)), np.cos(p / 10000 ** (i / dim))
+    lin = x.numpy() if num_tokens == 1 else x.numpy() @ te.proj.weight.detach().numpy().T + (
+        te.proj.bias.detach().numpy() if bias else 0.0)
+    want = lin.reshape(5, num_tokens, dim) + pos
+    assert np.allclose(te(x).detach().numpy(), want, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert te(x).dtype == (torch.bfloat16 if num_tokens > 1 else torch.float32)
+
+
 def test_encoder_rejects_wrong_width_and_nan():
     enc = dmmh.ENCODERS.create("mlp", in_dim=10, dim=8, num_tokens=2)
     with pytest.raises(ValueError, match="feature width 7 differs from the 10"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmmh._checks import check_features
@@ -69,8 +70,10 @@ class TokenExpansion(nn.Module):
         self.register_buffer("pos", sinusoidal_positions(num_tokens, dim) if positional else torch.zeros(num_tokens, dim), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        tokens = self.proj(x).view(x.shape[0], self.num_tokens, self.dim)
-        return tokens + self.pos.to(tokens.dtype)
+        if isinstance(self.proj, nn.Linear):  # the positions added as part of the bias: one pass over the output
+            bias = self.pos.flatten() if self.proj.bias is None else self.proj.bias + self.pos.flatten()
+            return F.linear(x, self.proj.weight, bias).view(x.shape[0], self.num_tokens, self.dim)
+        return self.proj(x).view(x.shape[0], self.num_tokens, self.dim) + self.pos.to(x.dtype)
 
 
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
