@@ -845,6 +845,8 @@ void conv_forward(const Conv<T>& P, Seq<T> out) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / per_item, t0 = task % per_item * kChunk, t1 = std::min(P.l, t0 + kChunk);
       for (int64_t t = t0; t < t1; ++t) {
+        if (t + 4 < t1)  // the input row needed 4 steps on (rows are strided views, fresh from a matrix product)
+          for (int64_t c = 0; c < d; c += 64 / sizeof(T)) __builtin_prefetch(P.x.at(b, c, t + 4), 0, 3);
         T* __restrict__ o = out.at(b, 0, t);
         const T* __restrict__ bias = bz.data();
         _Pragma("omp simd") for (int64_t c = 0; c < d; ++c) o[c] = bias[c];
