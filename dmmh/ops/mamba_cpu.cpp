@@ -307,8 +307,11 @@ struct Lanes {  // a block's per-channel constants, lane-major: A[k * W + i] is 
         Bc[k * W + i] = on && !P.B.variable ? P.B.p[c * P.B.sd + k * P.B.sn] : T(0);
         Cc[k * W + i] = on && !P.C.variable ? P.C.p[c * P.C.sd + k * P.C.sn] : T(0);
       }
-    T a2_max = T(0);
-    for (int64_t j = 0; j < P.n * W; ++j) a2_max = std::abs(A2[j]) > a2_max || std::isnan(A2[j]) ? std::abs(A2[j]) : a2_max;
+    T a2_max = T(0);  // NaN once A2 holds a NaN
+    for (int64_t j = 0; j < P.n * W; ++j) {
+      const T m = std::abs(A2[j]);
+      if (m > a2_max || std::isnan(m)) a2_max = m;
+    }
     dt_finite = T(1e37) / a2_max;
     Wlow.resize(P.low.r * W);
     for (int64_t j = 0; j < P.low.r; ++j)
