@@ -138,12 +138,13 @@ def _check(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int]:
 
 
 def _check_low_rank(delta: Tensor, delta_proj: Tensor, u: Tensor) -> None:
+    """``delta_proj (d, r)`` and ``delta (b, r, l)`` for ``u (b, d, l)``."""
     b, d, l = u.shape if u.ndim == 3 else (None, None, None)
     if delta_proj.ndim != 2 or delta_proj.shape[0] != d or delta.ndim != 3 or (delta.shape[0], delta.shape[2]) != (b, l) \
             or delta.shape[1] != delta_proj.shape[1]:
         raise ValueError(
-            f"selective scan: with delta_proj (d, r) = (d, r) delta must be (b, r, l): got delta_proj {tuple(delta_proj.shape)}, "
-            f"delta {tuple(delta.shape)}, u (b, d, l) = {tuple(u.shape)}"
+            f"selective scan: with delta_proj of shape (d, r), delta must be (b, r, l) for u of shape (b, d, l); got "
+            f"delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, u {tuple(u.shape)}"
         )
 
 
