@@ -305,6 +305,24 @@ def test_cpu_kernel_portable_loops_equal_the_reference():
     assert run.returncode == 0 and " passed" in run.stdout and "failed" not in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
+def test_cpu_kernel_leaves_subnormal_arithmetic_to_its_caller():
+    """The scan flushes subnormals to zero while it runs (FTZ/DAZ) and restores the caller's setting: on the
+    calling thread and on torch's intra-op threads (a tensor large enough to be split between them),
+    arithmetic after it still produces and reads subnormals."""
+    ins = make(b=8, d=64, l=70, n=16, requires_grad=False)
+    tiny = torch.full((1 << 18,), 1e-39)  # subnormal in float32
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                selective_scan_fn(**ins, delta_softplus=True, backend="cpu")
+            scan_and_grads("cpu", {k: v.clone().requires_grad_() for k, v in ins.items()})
+            assert (tiny * 1.0 == tiny).all() and (tiny * 0.5).min() > 0
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_kernel_results_do_not_depend_on_the_thread_count():
     ins = make(b=8, d=64, l=70, n=16)
     g_out = torch.randn(8, 64, 70)
