@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["KernelUnavailable", "load", "available", "channels_last", "compute_dtype", "SOURCE"]
+__all__ = ["KernelUnavailable", "load", "available", "channels_last", "compute_dtype", "needs_grad", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("mamba_cpu.cpp")
 log = logging.getLogger(__name__)
@@ -177,6 +177,11 @@ def channels_last(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if t is None or (t.dtype == dtype and (t.stride(1) == 1 or t.shape[1] <= 1)):
         return t
     return torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=dtype, device=t.device).copy_(t.transpose(1, 2)).transpose(1, 2)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an operation on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def compute_dtype(*tensors: Tensor | None) -> torch.dtype:

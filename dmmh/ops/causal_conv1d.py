@@ -77,7 +77,7 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None = None, act
         raise ValueError(f"causal conv1d backend 'cpu' needs CPU tensors; x is on {x.device} (use 'ref' or 'auto')")
     _cpp.load()  # raises KernelUnavailable with the compiler's message
     silu = activation == "silu"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if _cpp.needs_grad(x, weight, bias):
         return _CausalConv1dCPU.apply(x, weight, bias, silu)
     dtype = _cpp.compute_dtype(x, weight, bias)
     b = None if bias is None else bias.to(dtype).contiguous()

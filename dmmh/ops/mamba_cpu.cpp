@@ -454,6 +454,19 @@ const T* variable_ptr(const Mat<T>& M, const Problem<T>& P, int64_t b, int64_t c
   return M.variable ? M.p + b * M.sb + (c0 / P.group_size()) * M.sg : nullptr;
 }
 
+// A block's state, lane-major (x[k * W + i]), to and from the rows of its channels ((c0 + i) * n + k)
+template <typename T>
+inline void state_to_rows(const T* x, T* rows, int w, int64_t n) {
+  for (int i = 0; i < w; ++i)
+    for (int64_t k = 0; k < n; ++k) rows[i * n + k] = x[k * kLanes<T> + i];
+}
+
+template <typename T>
+inline void rows_to_state(const T* rows, T* x, int w, int64_t n) {
+  for (int i = 0; i < w; ++i)
+    for (int64_t k = 0; k < n; ++k) x[k * kLanes<T> + i] = rows[i * n + k];
+}
+
 // ---- forward
 
 template <typename T, bool VB, bool VC>
@@ -480,9 +493,7 @@ void forward_block(const Problem<T>& P, const Block<T>& blk, int64_t b, Lanes<T>
     for (int64_t s = 0; s < len; ++s) {
       const int64_t t = t0 + s;
       if (ckpt && t > 0 && t % kChunk == 0) {  // the state entering chunk t / kChunk
-        T* dst = ckpt + ((b * (nck - 1) + t / kChunk - 1) * P.d + blk.c0) * n;
-        for (int i = 0; i < blk.w; ++i)
-          for (int64_t k = 0; k < n; ++k) dst[i * n + k] = x[k * W + i];
+        state_to_rows(x, ckpt + ((b * (nck - 1) + t / kChunk - 1) * P.d + blk.c0) * n, blk.w, n);
       }
       step_state<T, VB, VC>(P, L, Bv, Cv, t, dt + s * W, dtu + s * W, x, y + s * W, static_cast<T*>(nullptr));
     }
@@ -496,9 +507,7 @@ void forward_block(const Problem<T>& P, const Block<T>& blk, int64_t b, Lanes<T>
       store(out.at(b, blk.c0, t0 + s), ys, blk.w);
     }
   }
-  if (last)
-    for (int i = 0; i < blk.w; ++i)
-      for (int64_t k = 0; k < n; ++k) last[(b * P.d + blk.c0 + i) * n + k] = x[k * W + i];
+  if (last) state_to_rows(x, last + (b * P.d + blk.c0) * n, blk.w, n);
 }
 
 // Blocks of one group: W channels each, the last one of a group possibly narrower.
@@ -637,9 +646,7 @@ void backward_task(const Problem<T>& P, const Grads<T>& G, int64_t b, int64_t g,
       // recompute the chunk's states from the saved one
       T* x0 = ws.x.data();
       std::fill(x0, x0 + nW, T(0));
-      if (ci > 0)
-        for (int i = 0; i < blk.w; ++i)
-          for (int64_t k = 0; k < n; ++k) x0[k * W + i] = G.ckpt[((b * (nck - 1) + ci - 1) * P.d + blk.c0 + i) * n + k];
+      if (ci > 0) rows_to_state(G.ckpt + ((b * (nck - 1) + ci - 1) * P.d + blk.c0) * n, x0, blk.w, n);
       for (int64_t s = 0; s < len; ++s) {
         T* dt = &ws.dt[s * W];
         step_dt(P, L, blk, b, t0 + s, dt, &ws.dsp[s * W]);

@@ -254,8 +254,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The C++ kernel (CPU tensors; see the module docstring). Without gradients it stores no states at all
     (and computes a low-rank ``delta`` with ``delta_proj`` step by step, see :func:`selective_scan_fn`)."""
     resolve_backend("cpu", u)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, delta_proj))
+    needs_grad = _cpp.needs_grad(u, delta, A, B, C, D, z, delta_bias, delta_proj)
     if delta_proj is not None and needs_grad:  # gradients through the projection: materialised by autograd
         delta, delta_proj = project_delta(delta, delta_proj, u), None
     _check(u, delta if delta_proj is None else None, A, B, C, D, z, delta_bias)
@@ -362,7 +361,6 @@ def _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_sta
     n = A.shape[1]
     Af = A.to(dtype)
     Bx, Cx = _time_major(B, gs, d, dtype), _time_major(C, gs, d, dtype)
-    bias = None if delta_bias is None else delta_bias.to(dtype)
     y = torch.empty(l, b, d, dtype=dtype, device=u.device)
     last = torch.zeros(b, d, n, dtype=dtype, device=u.device) if return_last_state else None
     size, blocks = _blocks(b, d * n)  # one step of a block: at most _BLOCK_ELEMENTS
@@ -374,9 +372,7 @@ def _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_sta
         x = carry[:bb].zero_()  # x_{-1} = 0, multiplied by the first decay as in the reference (NaN * 0 is NaN)
         for t0 in range(0, l, steps):
             ts = slice(t0, min(t0 + steps, l))
-            dt = delta[blk, :, ts].permute(2, 0, 1).to(dtype)  # (steps, bb, d)
-            dt = dt if bias is None else dt + bias
-            dt = F.softplus(dt) if delta_softplus else dt
+            dt = _prepare_delta(delta[blk, :, ts], delta_bias, delta_softplus, dtype).permute(2, 0, 1)  # (steps, bb, d)
             du = dt * u[blk, :, ts].permute(2, 0, 1)
             decay, X = work.views(ts.stop - t0, bb, gs, d // gs, n)
             _block_states(decay, X, dt, du, Af, _bx(Bx, blk, ts), x)
@@ -484,7 +480,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     gb, gc = _check(u, delta, A, B, C, D, z, delta_bias)
     gs = max(gb, gc)
     args = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+    if _cpp.needs_grad(*args):
         return _SelectiveScanTorch.apply(*args, bool(delta_softplus), bool(return_last_state), gs)
     y, last = _torch_states(u, delta, A, B, C, delta_bias, delta_softplus, return_last_state, gs)
     out = _finish(y, u, D, z, inplace=True)
